@@ -1,0 +1,162 @@
+"""Which local models exist: model directories, the Hugging Face cache, operator paths.
+
+No serving here. A model in a model directory is named by its folder path relative to
+that directory (``tiny-a``, ``mlx-community/Qwen2.5-Coder-3B-8bit``); a model in the
+Hugging Face cache by its repository id. Paths given by the operator (config, command
+line) are trusted and named by the exact string given; names from requests resolve
+only inside the directories and the cache.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from . import names
+from .errors import UnknownModel, UnsafeModelName
+
+WEIGHT_SUFFIXES = (".safetensors",)
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    name: str
+    path: Path
+    source: str  # "model_dir", "hf_cache" or "config"
+
+
+def is_model_folder(path: Path) -> bool:
+    """A folder holds a model when it has a config.json and safetensors weights."""
+    try:
+        return (path / "config.json").is_file() and any(
+            entry.name.endswith(WEIGHT_SUFFIXES) for entry in os.scandir(path))
+    except OSError:
+        return False
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+        return True
+    except (ValueError, OSError):
+        return False
+
+
+def _hf_snapshot(cache: Path, repo_id: str) -> Path | None:
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshots = repo / "snapshots"
+    if not snapshots.is_dir():
+        return None
+    ref = repo / "refs" / "main"
+    if ref.is_file():
+        snapshot = snapshots / ref.read_text().strip()
+        if snapshot.is_dir() and _inside(snapshot, cache):
+            return snapshot
+    found = sorted((p for p in snapshots.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+class Catalog:
+    """Find local models; `resolve` turns a requested name into one, safely."""
+
+    def __init__(self, model_dirs: Iterable[Path], hf_cache: Path | None,
+                 operator_models: Iterable[str] = ()):
+        self.model_dirs = tuple(Path(d).expanduser() for d in model_dirs)
+        self.hf_cache = hf_cache
+        self._operator: dict[str, LocalModel] = {}
+        for given in operator_models:
+            path = Path(given).expanduser()
+            if given and (path.is_absolute() or given.startswith(("./", "../", "~"))):
+                self._operator[given] = LocalModel(given, path.resolve(), "config")
+
+    def list(self) -> list[LocalModel]:
+        """Every model found, operator paths first, then directories, then the cache."""
+        found: dict[str, LocalModel] = dict(self._operator)
+        for root in self.model_dirs:
+            for path in self._scan_dir(root):
+                name = path.relative_to(root).as_posix()
+                found.setdefault(name, LocalModel(name, path, "model_dir"))
+        if self.hf_cache and self.hf_cache.is_dir():
+            for repo in sorted(self.hf_cache.glob("models--*")):
+                repo_id = repo.name[len("models--"):].replace("--", "/")
+                snapshot = _hf_snapshot(self.hf_cache, repo_id)
+                if snapshot and is_model_folder(snapshot):
+                    found.setdefault(repo_id, LocalModel(repo_id, snapshot, "hf_cache"))
+        return sorted(found.values(), key=lambda m: m.name.lower())
+
+    def _scan_dir(self, root: Path) -> list[Path]:
+        if not root.is_dir():
+            return []
+        models = []
+        for first in sorted(root.iterdir()):
+            if not first.is_dir() or not _inside(first, root):
+                continue
+            if is_model_folder(first):
+                models.append(first)
+                continue
+            for second in sorted(first.iterdir()):  # org/name layout
+                if second.is_dir() and _inside(second, root) and is_model_folder(second):
+                    models.append(second)
+        return models
+
+    def resolve(self, requested: str) -> LocalModel:
+        """The model a request names; raises `UnsafeModelName` or `UnknownModel`."""
+        if requested in self._operator:
+            return self._operator[requested]
+        for name in names.candidates(requested):
+            for root in self.model_dirs:
+                path = root / name
+                if not is_model_folder(path):
+                    continue
+                if not _inside(path, root):
+                    raise UnsafeModelName(f"model name {requested!r} is not allowed: {path} leads "
+                                          f"outside the model directory {root} through a symlink")
+                return LocalModel(name, path, "model_dir")
+            if self.hf_cache:
+                snapshot = _hf_snapshot(self.hf_cache, name)
+                if snapshot and is_model_folder(snapshot):
+                    return LocalModel(name, snapshot, "hf_cache")
+        where = ", ".join(str(d) for d in self.model_dirs) or "no model directories"
+        raise UnknownModel(
+            f"model {requested!r} not found in {where} or the Hugging Face cache ({self.hf_cache}). "
+            f"Run `mlxgate models` to see what is available, or `mlxgate download {names.strip_provider(requested)}`.")
+
+
+def verify_model_folder(path: Path) -> None:
+    """Cheap integrity check before a load: config parses, every weight file is whole.
+
+    Raises `ValueError` naming the bad file. It reads only file headers, so it takes
+    milliseconds even for large models, and lets the wrapper refuse a broken folder
+    without stopping the model that is serving.
+    """
+    import json
+    import struct
+
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path / 'config.json'} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise ValueError(f"{path / 'config.json'} has no model_type")
+    weights = sorted(p for p in path.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
+    if not weights:
+        raise ValueError(f"{path} has no .safetensors weights")
+    for weight in weights:
+        size = weight.stat().st_size
+        with weight.open("rb") as handle:
+            head = handle.read(8)
+            if len(head) < 8:
+                raise ValueError(f"{weight.name} is not a safetensors file (too short)")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > min(size - 8, 100_000_000):
+                raise ValueError(f"{weight.name} is not a safetensors file (bad header length)")
+            try:
+                header = json.loads(handle.read(header_len))
+            except ValueError:
+                raise ValueError(f"{weight.name} is not a safetensors file (unreadable header)") from None
+        ends = [t["data_offsets"][1] for k, t in header.items()
+                if k != "__metadata__" and isinstance(t, dict) and "data_offsets" in t]
+        if max(ends, default=0) > size - 8 - header_len:
+            raise ValueError(f"{weight.name} is truncated ({size} bytes on disk)")

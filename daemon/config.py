@@ -1,0 +1,272 @@
+"""Load and validate the gateway configuration.
+
+One YAML file (``config/gateway.yaml`` by default, ``MLXGATE_CONFIG`` to choose
+another) plus environment overrides. Every key is declared once in ``SETTINGS``;
+unknown keys, wrong types and bad values fail at load with a ``ConfigError`` that
+names the file, the key and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+from urllib.parse import urlparse
+
+import yaml
+
+from . import PROJECT_ROOT
+from .errors import ConfigError
+
+DEFAULT_CONFIG = PROJECT_ROOT / "config" / "gateway.yaml"
+DEFAULT_HOME = Path("~/.mlxgate")
+API_KEY_FILE = "api_key"
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+# ---------------------------------------------------------------- value parsers
+# Each takes the raw value (from YAML, or a string from the environment) and
+# returns the parsed value, or raises ValueError("expected ...").
+
+def _port(value: Any) -> int:
+    number = _integer(value)
+    if not 1 <= number <= 65535:
+        raise ValueError("expected a TCP port between 1 and 65535")
+    return number
+
+
+def _integer(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("expected an integer")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    raise ValueError("expected an integer")
+
+
+def _positive_int(value: Any) -> int:
+    number = _integer(value)
+    if number < 1:
+        raise ValueError("expected a positive integer")
+    return number
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("expected a number of seconds")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError("expected a number of seconds") from None
+    if number <= 0:
+        raise ValueError("expected a positive number of seconds")
+    return number
+
+
+def _boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError("expected true or false")
+
+
+def _optional_text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError("expected a string")
+    return value.strip() or None
+
+
+def _url(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expected a URL such as http://127.0.0.1:11401")
+    parsed = urlparse(value)
+    if parsed.scheme != "http" or not parsed.hostname or not parsed.port:
+        raise ValueError("expected a URL such as http://127.0.0.1:11401")
+    return value.rstrip("/")
+
+
+def _path_list(value: Any) -> tuple[Path, ...]:
+    if isinstance(value, str):  # from the environment: colon-separated
+        value = [part for part in value.split(os.pathsep) if part]
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ValueError("expected a list of folder paths")
+    return tuple(Path(item).expanduser() for item in value)
+
+
+def _text_list(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = value.split()
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ValueError("expected a list of strings")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str
+    parse: Callable[[Any], Any]
+    default: Any
+    env: str | None
+    help: str
+    example: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("model_dirs", _path_list, ["~/models"], "MLXGATE_MODEL_DIRS",
+            "Folders that hold local models; a model is named by its folder path inside one.",
+            "[~/models]"),
+    Setting("default_model", _optional_text, None, "MLXGATE_DEFAULT_MODEL",
+            "Model loaded on the dynamic server at start (a name or a trusted path).",
+            "mlx-community/Qwen2.5-Coder-3B-8bit"),
+    Setting("autocomplete_model", _optional_text, None, "MLXGATE_AUTOCOMPLETE_MODEL",
+            "Small model kept loaded on the autocomplete server (a name or a trusted path).",
+            "mlx-community/Qwen2.5-Coder-0.5B-8bit"),
+    Setting("wrapper_url", _url, "http://127.0.0.1:11401", "MLX_WRAPPER_URL",
+            "Where the wrapper's management API listens.", "http://127.0.0.1:11401"),
+    Setting("dynamic_port", _port, 11402, "MLX_DYNAMIC_PORT",
+            "Port of the dynamic model server (switches model on demand).", "11402"),
+    Setting("autocomplete_port", _port, 11403, "MLX_AUTOCOMPLETE_PORT",
+            "Port of the autocomplete model server.", "11403"),
+    Setting("max_tokens", _positive_int, 8192, "MAX_TOKENS",
+            "Cap on the tokens one answer may generate.", "8192"),
+    Setting("load_timeout", _seconds, 600, "MLXGATE_LOAD_TIMEOUT",
+            "Seconds a model may take to load before the load fails.", "600"),
+    Setting("server_args", _text_list, [], None,
+            "Extra command-line arguments for every mlx_lm.server (e.g. --kv-bits 8).", "[]"),
+    Setting("detailed_debug", _boolean, False, "DETAILED_DEBUG",
+            "Log each request as the hooks changed it (API keys are always redacted).", "false"),
+)
+
+SETTINGS_BY_KEY = {s.key: s for s in SETTINGS}
+
+
+@dataclass(frozen=True)
+class Config:
+    """The validated configuration; build it with `load_config`."""
+
+    model_dirs: tuple[Path, ...]
+    default_model: str | None
+    autocomplete_model: str | None
+    wrapper_url: str
+    dynamic_port: int
+    autocomplete_port: int
+    max_tokens: int
+    load_timeout: float
+    server_args: tuple[str, ...]
+    detailed_debug: bool
+    home: Path = field(default=DEFAULT_HOME.expanduser())
+    source: Path | None = None
+    api_key: str | None = None
+    hf_cache: Path = field(default=Path("~/.cache/huggingface/hub").expanduser())
+
+    @property
+    def wrapper_host(self) -> str:
+        return urlparse(self.wrapper_url).hostname or "127.0.0.1"
+
+    @property
+    def wrapper_port(self) -> int:
+        return urlparse(self.wrapper_url).port or 11401
+
+    @property
+    def log_dir(self) -> Path:
+        return self.home / "logs"
+
+
+def config_path(env: Mapping[str, str] = os.environ) -> Path:
+    """The config file in use: ``MLXGATE_CONFIG`` or ``config/gateway.yaml``."""
+    return Path(env["MLXGATE_CONFIG"]).expanduser() if env.get("MLXGATE_CONFIG") else DEFAULT_CONFIG
+
+
+def runtime_home(env: Mapping[str, str] = os.environ) -> Path:
+    """The runtime folder (logs, generated files): ``MLXGATE_HOME`` or ``~/.mlxgate``."""
+    return Path(env.get("MLXGATE_HOME") or DEFAULT_HOME).expanduser().resolve()
+
+
+def hf_cache_dir(env: Mapping[str, str] = os.environ) -> Path:
+    """Where the Hugging Face hub keeps downloaded models, by its own rules."""
+    if env.get("HF_HUB_CACHE"):
+        return Path(env["HF_HUB_CACHE"]).expanduser()
+    if env.get("HF_HOME"):
+        return Path(env["HF_HOME"]).expanduser() / "hub"
+    xdg = env.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path("~/.cache").expanduser()
+    return base / "huggingface" / "hub"
+
+
+def read_api_key(home: Path, env: Mapping[str, str] = os.environ) -> str | None:
+    """The API key: ``MLXGATE_API_KEY``, else the key file in the runtime folder."""
+    if env.get("MLXGATE_API_KEY"):
+        return env["MLXGATE_API_KEY"]
+    key_file = home / API_KEY_FILE
+    if key_file.is_file():
+        return key_file.read_text().strip() or None
+    return None
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the file ({exc.strerror}). Fix: check its permissions.") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}: invalid YAML{where}: {problem}. Fix: correct the syntax "
+                          f"(compare with config/gateway.example.yaml).") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values at the top level, "
+                          f"got {type(data).__name__}. Fix: write one `key: value` per line.")
+    return data
+
+
+def load_config(path: Path | None = None, env: Mapping[str, str] = os.environ,
+                overrides: Mapping[str, Any] | None = None) -> Config:
+    """Read the file, apply environment variables then `overrides` (command-line flags).
+
+    Precedence: flags > environment > file > defaults.
+    """
+    path = Path(path) if path is not None else config_path(env)
+    raw = _read_file(path)
+    unknown = sorted(set(raw) - set(SETTINGS_BY_KEY))
+    if unknown:
+        known = ", ".join(SETTINGS_BY_KEY)
+        raise ConfigError(f"{path}: {unknown[0]}: unknown key. Fix: remove it or use one of: {known}.")
+
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        value, where = setting.default, f"{path}: {setting.key}"
+        if setting.key in raw:
+            value = raw[setting.key]
+        if setting.env and setting.env in env:
+            value, where = env[setting.env], f"environment variable {setting.env}"
+        if overrides and overrides.get(setting.key) is not None:
+            value, where = overrides[setting.key], f"option --{setting.key.replace('_', '-')}"
+        try:
+            values[setting.key] = setting.parse(value)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}, got {value!r}. "
+                              f"Fix: set it like `{setting.key}: {setting.example}`.") from None
+
+    ports = {"dynamic_port": values["dynamic_port"], "autocomplete_port": values["autocomplete_port"],
+             "wrapper_url": urlparse(values["wrapper_url"]).port}
+    if len(set(ports.values())) != len(ports):
+        raise ConfigError(f"{path}: dynamic_port, autocomplete_port and the wrapper_url port must differ, "
+                          f"got {ports}. Fix: give each its own port.")
+
+    home = runtime_home(env)
+    return Config(**values, home=home, source=path if path.exists() else None,
+                  api_key=read_api_key(home, env), hf_cache=hf_cache_dir(env))

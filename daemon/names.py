@@ -1,0 +1,58 @@
+"""Model-name rules: pure functions from what a client sends to candidate folder names.
+
+- Provider prefixes are stripped: ``openai/x``, ``mlx/x``, ``anthropic/x`` → ``x``.
+- A bare name also tries the ``mlx-community`` organisation:
+  ``Qwen2.5-Coder-3B-8bit`` → ``Qwen2.5-Coder-3B-8bit``, ``mlx-community/Qwen2.5-Coder-3B-8bit``.
+- ``org/name`` forms are kept as they are.
+- A name never escapes the model directories: ``..``, absolute paths, backslashes,
+  home-relative and empty components are refused.
+"""
+
+from __future__ import annotations
+
+from .errors import UnsafeModelName
+
+DEFAULT_ORG = "mlx-community"
+
+PROVIDER_PREFIXES = frozenset({
+    "openai", "anthropic", "mlx", "mlx_lm", "mlx-lm", "local", "litellm_proxy", "hosted_vllm",
+    "ollama", "ollama_chat", "lm_studio", "text-completion-openai", "custom_openai", "mlxgate",
+})
+
+
+def strip_provider(name: str) -> str:
+    """Remove leading provider prefixes (``openai/mlx/x`` → ``x``)."""
+    name = name.strip()
+    while "/" in name:
+        head, rest = name.split("/", 1)
+        if head.lower() not in PROVIDER_PREFIXES or not rest:
+            break
+        name = rest
+    return name
+
+
+def check_safe(name: str) -> str:
+    """Return `name` if it stays inside a model directory, else raise `UnsafeModelName`."""
+    reason = None
+    if not name:
+        reason = "the name is empty"
+    elif "\x00" in name or any(ord(ch) < 32 for ch in name):
+        reason = "it contains control characters"
+    elif name.startswith(("/", "~")) or (len(name) > 1 and name[1] == ":"):
+        reason = "absolute and home-relative paths are not accepted in requests"
+    elif "\\" in name:
+        reason = "backslashes are not accepted"
+    elif any(part in ("", ".", "..") for part in name.split("/")):
+        reason = "'.', '..' and empty path components are not accepted"
+    if reason:
+        raise UnsafeModelName(f"model name {name!r} is not allowed: {reason}. "
+                              f"Use a name from `mlxgate models`.")
+    return name
+
+
+def candidates(requested: str) -> list[str]:
+    """Folder names to try, in order, for a name a client sent."""
+    name = check_safe(strip_provider(requested))
+    if "/" in name:
+        return [name]
+    return [name, f"{DEFAULT_ORG}/{name}"]

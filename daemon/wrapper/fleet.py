@@ -1,0 +1,91 @@
+"""The wrapper's model servers together: which model is where, loaded on request."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from ..catalog import Catalog, LocalModel
+from ..config import Config
+from .model_server import Launcher, ModelServer
+
+log = logging.getLogger("mlxgate.wrapper")
+
+ROLES = ("dynamic", "autocomplete")
+
+
+class Fleet:
+    """The dynamic and autocomplete servers, and the catalog they load from."""
+
+    def __init__(self, config: Config, catalog: Catalog | None = None,
+                 launcher: Launcher | None = None):
+        self.config = config
+        self.catalog = catalog or Catalog(
+            config.model_dirs, config.hf_cache,
+            operator_models=[m for m in (config.default_model, config.autocomplete_model) if m])
+        launcher = launcher or Launcher(config.log_dir, config.server_args)
+        self.servers = {
+            "dynamic": ModelServer("dynamic", config.dynamic_port, launcher, config.load_timeout),
+            "autocomplete": ModelServer("autocomplete", config.autocomplete_port, launcher,
+                                        config.load_timeout),
+        }
+
+    def server(self, role: str) -> ModelServer:
+        if role not in self.servers:
+            raise ValueError(f"unknown server {role!r}; expected one of: {', '.join(ROLES)}")
+        return self.servers[role]
+
+    def load(self, name: str, role: str = "dynamic") -> dict:
+        """Resolve `name` and make `role`'s server serve it; blocks until ready."""
+        server = self.server(role)
+        model = self.catalog.resolve(name)
+        return server.ensure(model)
+
+    def unload(self, role: str = "dynamic") -> dict:
+        return self.server(role).stop()
+
+    def models(self) -> list[dict]:
+        loaded: dict[str, list[dict]] = {}
+        for status in (s.status() for s in self.servers.values()):
+            if status["model"]:
+                loaded.setdefault(status["path"], []).append(status)
+        rows = []
+        for model in self.catalog.list():
+            where = loaded.get(str(model.path), [])
+            rows.append(_model_row(model, where))
+        return rows
+
+    def status(self) -> dict:
+        return {role: server.status() for role, server in self.servers.items()}
+
+    def start_configured(self) -> list[threading.Thread]:
+        """Load the configured default and autocomplete models in the background."""
+        threads = []
+        for role, name in (("dynamic", self.config.default_model),
+                           ("autocomplete", self.config.autocomplete_model)):
+            if name:
+                thread = threading.Thread(target=self._load_logged, args=(name, role),
+                                          name=f"initial-{role}", daemon=True)
+                thread.start()
+                threads.append(thread)
+        return threads
+
+    def _load_logged(self, name: str, role: str) -> None:
+        try:
+            self.load(name, role)
+        except Exception as exc:  # the state shows it; the log says why
+            log.error("initial load of %r on the %s server failed: %s", name, role, exc)
+
+    def shutdown(self) -> None:
+        for server in self.servers.values():
+            server.kill_now()
+
+
+def _model_row(model: LocalModel, where: list[dict]) -> dict:
+    return {
+        "name": model.name,
+        "path": str(model.path),
+        "source": model.source,
+        "loaded": any(s["state"] == "ready" for s in where),
+        "servers": [{"role": s["role"], "state": s["state"], "port": s["port"]} for s in where],
+    }

@@ -1,0 +1,97 @@
+"""Start, watch and stop one `mlx_lm.server` process; read its log."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from .. import PROJECT_ROOT
+
+_ERROR_LINE = re.compile(r"^[\w.]*(Error|Exception|Exit)\b.*")
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+@dataclass
+class ServerProcess:
+    """A running model server: the process, and where its log output starts."""
+
+    popen: subprocess.Popen
+    log_path: Path
+    log_offset: int
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, grace: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL after `grace` seconds."""
+        if self.alive():
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        if self.popen.stdin:
+            self.popen.stdin.close()
+
+    def log_tail(self, lines: int = 20) -> list[str]:
+        """The last lines this process wrote (not earlier runs in the same log)."""
+        try:
+            with self.log_path.open("rb") as handle:
+                handle.seek(self.log_offset)
+                text = handle.read().decode("utf-8", "replace")
+        except OSError:
+            return []
+        return [line for line in text.splitlines() if line.strip()][-lines:]
+
+    def failure_reason(self) -> str:
+        """The most telling line of the log: the last exception, else the last line."""
+        tail = self.log_tail(60)
+        errors = [line.strip() for line in tail if _ERROR_LINE.match(line.strip())]
+        if errors:
+            return errors[-1]
+        return tail[-1].strip() if tail else "no output"
+
+
+def launch(model_path: Path, port: int, log_path: Path, extra_args: Sequence[str] = ()) -> ServerProcess:
+    """Start `mlx_lm.server` for `model_path` on 127.0.0.1:`port`, tied to this process.
+
+    The child gets a pipe on stdin whose write end only we hold; it exits when the pipe
+    closes, so it cannot outlive us (see `model_process`).
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = log_path.open("ab")
+    log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {model_path} on port {port}\n".encode())
+    log.flush()
+    offset = log.tell()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+    command = [sys.executable, "-m", "daemon.wrapper.model_process", "--model", str(model_path),
+               "--host", "127.0.0.1", "--port", str(port), *extra_args]
+    try:
+        popen = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+                                 env=env, close_fds=True)
+    finally:
+        log.close()
+    return ServerProcess(popen, log_path, offset)

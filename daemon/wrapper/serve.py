@@ -1,0 +1,52 @@
+"""Run the wrapper under gunicorn: one worker (the model state lives in one process),
+threads for concurrent requests. The fleet is built in the worker and shut down
+with it; the model servers also die with it on SIGKILL (see `model_process`)."""
+
+from __future__ import annotations
+
+import logging
+
+from gunicorn.app.base import BaseApplication
+
+from ..config import Config
+from .app import create_app
+from .fleet import Fleet
+
+THREADS = 32
+
+
+class WrapperApplication(BaseApplication):
+    def __init__(self, config: Config):
+        self.config = config
+        self.fleet: Fleet | None = None
+        super().__init__()
+
+    def load_config(self) -> None:
+        settings = {
+            "bind": f"{self.config.wrapper_host}:{self.config.wrapper_port}",
+            "workers": 1,
+            "worker_class": "gthread",
+            "threads": THREADS,
+            "timeout": 60,
+            "graceful_timeout": 10,
+            "proc_name": "mlxgate-wrapper",
+            "loglevel": "info",
+            "worker_exit": self._worker_exit,
+        }
+        for key, value in settings.items():
+            self.cfg.set(key, value)
+
+    def load(self):
+        logging.basicConfig(level=logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.fleet = Fleet(self.config)
+        self.fleet.start_configured()
+        return create_app(self.fleet, self.config.api_key)
+
+    def _worker_exit(self, server, worker) -> None:
+        if self.fleet is not None:
+            self.fleet.shutdown()
+
+
+def run(config: Config) -> None:
+    WrapperApplication(config).run()

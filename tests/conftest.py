@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny generated models and one running wrapper for the wrapper tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from support import Wrapper, make_broken_models, mlxgate
+
+# Keep the developer's own configuration and models out of the test run.
+for _name in ("MLXGATE_CONFIG", "MLXGATE_HOME", "MLXGATE_API_KEY", "MLXGATE_MODEL_DIRS",
+              "MLXGATE_DEFAULT_MODEL", "MLXGATE_AUTOCOMPLETE_MODEL", "MAX_TOKENS", "DETAILED_DEBUG",
+              "MLX_WRAPPER_URL", "MLX_DYNAMIC_PORT", "MLX_AUTOCOMPLETE_PORT"):
+    os.environ.pop(_name, None)
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    """tiny-a (2 layers) and org/tiny-b (3 layers, other seed), plus two broken folders."""
+    models = tmp_path_factory.mktemp("models")
+    env = dict(os.environ)
+    mlxgate("demo-model", str(models / "tiny-a"), "--seed", "0", env=env, check=True)
+    mlxgate("demo-model", str(models / "org" / "tiny-b"), "--seed", "1", "--layers", "3", env=env,
+            check=True)
+    make_broken_models(models, models / "tiny-a")
+    return models
+
+
+@pytest.fixture(scope="session")
+def wrapper(models_dir, tmp_path_factory):
+    """One wrapper for the session, autocomplete model tiny-a kept loaded."""
+    running = Wrapper(tmp_path_factory.mktemp("wrapper-home"), models_dir,
+                      args=("--autocomplete-model", "tiny-a"))
+    yield running
+    running.stop()

@@ -1,0 +1,156 @@
+"""Helpers the tests share: free ports, model folders, running `mlxgate` programs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+MLXGATE = [sys.executable, "-m", "daemon.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead for our purposes
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def mlxgate(*args: str, env: dict, timeout: float = 120, check: bool = False) -> subprocess.CompletedProcess:
+    """Run the `mlxgate` CLI as a user would and capture what it prints."""
+    result = subprocess.run([*MLXGATE, *args], env=env, cwd=ROOT, capture_output=True, text=True,
+                            timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"mlxgate {' '.join(args)} failed ({result.returncode}):\n"
+                             f"{result.stdout}\n{result.stderr}")
+    return result
+
+
+def make_broken_models(models: Path, good: Path) -> None:
+    """Two broken model folders: garbage weights, and weights whose shapes do not fit."""
+    garbage = models / "broken-garbage"
+    garbage.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (garbage / name).write_bytes((good / name).read_bytes())
+    (garbage / "model.safetensors").write_bytes(b"this is not a safetensors file at all")
+
+    shapes = models / "broken-shapes"
+    shapes.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (shapes / name).write_bytes((good / name).read_bytes())
+    config = json.loads((good / "config.json").read_text())
+    config["hidden_size"] = config["hidden_size"] * 2  # the weights no longer fit
+    (shapes / "config.json").write_text(json.dumps(config))
+    (shapes / "model.safetensors").write_bytes((good / "model.safetensors").read_bytes())
+
+
+class Wrapper:
+    """A real `mlxgate wrapper` (gunicorn + Flask) on free ports, with its own runtime folder."""
+
+    def __init__(self, home: Path, models: Path, api_key: str = "test-key", extra_env: dict | None = None,
+                 args: tuple[str, ...] = ()):
+        self.home = home
+        self.api_key = api_key
+        self.port, self.dynamic_port, self.autocomplete_port = free_port(), free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = dict(
+            os.environ,
+            MLXGATE_HOME=str(home),
+            MLXGATE_CONFIG=str(home / "gateway.yaml"),
+            MLXGATE_MODEL_DIRS=str(models),
+            HF_HUB_CACHE=str(home / "hf-cache"),
+            MLX_WRAPPER_URL=self.url,
+            MLX_DYNAMIC_PORT=str(self.dynamic_port),
+            MLX_AUTOCOMPLETE_PORT=str(self.autocomplete_port),
+            MLXGATE_API_KEY=api_key,
+            **(extra_env or {}),
+        )
+        home.mkdir(parents=True, exist_ok=True)
+        self.log_path = home / "wrapper.log"
+        self._log = self.log_path.open("ab")
+        self.process = subprocess.Popen([*MLXGATE, "wrapper", *args], env=self.env, cwd=ROOT,
+                                        stdout=self._log, stderr=subprocess.STDOUT)
+        wait_for(self._healthy, 30, what=f"the wrapper on {self.url}")
+
+    def _healthy(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"the wrapper exited:\n{self.log_path.read_text()}")
+        try:
+            return requests.get(self.url + "/health", timeout=1).ok
+        except requests.ConnectionError:
+            return False
+
+    def call(self, method: str, path: str, key: str | None = "default", **kwargs) -> requests.Response:
+        headers = kwargs.pop("headers", {})
+        key = self.api_key if key == "default" else key
+        if key is not None:
+            headers["Authorization"] = f"Bearer {key}"
+        return requests.request(method, self.url + path, headers=headers, timeout=120, **kwargs)
+
+    def load(self, model: str, server: str = "dynamic") -> requests.Response:
+        return self.call("POST", "/models/load", json={"model": model, "server": server})
+
+    def servers(self) -> dict:
+        return self.call("GET", "/models").json()["servers"]
+
+    def model_pids(self) -> list[int]:
+        return [s["pid"] for s in self.servers().values() if s["pid"]]
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+def chat(port: int, text: str = "hello", max_tokens: int = 8, **extra) -> dict:
+    """A chat completion straight to a model server."""
+    response = requests.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60, json={
+        "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens, **extra})
+    response.raise_for_status()
+    return response.json()
+
+
+def safetensors_header(path: Path) -> dict:
+    with path.open("rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        return json.loads(handle.read(length))

@@ -1,0 +1,65 @@
+"""The `mlxgate` command as a user types it."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from support import free_port, mlxgate
+
+
+def test_models_load_and_unload_from_the_command_line(wrapper):
+    loaded = mlxgate("load", "org/tiny-b", env=wrapper.env)
+    assert loaded.returncode == 0, loaded.stderr
+    assert "org/tiny-b is ready on the dynamic server" in loaded.stdout
+    listing = mlxgate("models", env=wrapper.env)
+    assert listing.returncode == 0
+    lines = listing.stdout.splitlines()
+    assert lines[0].split() == ["MODEL", "SOURCE", "LOADED", "PATH"]
+    row = next(line for line in lines if line.startswith("org/tiny-b "))
+    assert "dynamic:ready" in row
+    assert any(line.startswith("tiny-a ") and "autocomplete:ready" in line for line in lines)
+    assert mlxgate("unload", env=wrapper.env).stdout.strip() == "the dynamic server is stopped"
+
+
+def test_load_of_an_unknown_model_fails_with_the_reason(wrapper):
+    result = mlxgate("load", "nothing-here", env=wrapper.env)
+    assert result.returncode == 1
+    assert "mlxgate load: error: model 'nothing-here' not found" in result.stderr
+
+
+def test_a_wrong_key_and_a_stopped_wrapper_are_explained(wrapper):
+    wrong = mlxgate("models", env={**wrapper.env, "MLXGATE_API_KEY": "nope"})
+    assert wrong.returncode == 1 and "API key" in wrong.stderr
+    down = mlxgate("models", env={**wrapper.env, "MLX_WRAPPER_URL": f"http://127.0.0.1:{free_port()}"})
+    assert down.returncode == 1 and "the wrapper is not running at" in down.stderr
+
+
+def test_a_bad_config_stops_the_command_with_file_key_and_fix(tmp_path):
+    config = tmp_path / "gateway.yaml"
+    config.write_text("dynamic_port: lots\n")
+    result = mlxgate("models", env={**os.environ, "MLXGATE_CONFIG": str(config)})
+    assert result.returncode == 1
+    assert f"{config}: dynamic_port: expected an integer, got 'lots'. Fix:" in result.stderr
+
+
+def test_download_fails_fast_and_clearly_when_the_hub_is_unreachable(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}",
+           "HF_HUB_CACHE": str(tmp_path / "cache")}
+    started = time.monotonic()
+    result = mlxgate("download", "Qwen2.5-Coder-0.5B-8bit", env=env, timeout=60)
+    assert result.returncode == 1
+    assert "cannot download mlx-community/Qwen2.5-Coder-0.5B-8bit" in result.stderr
+    assert "not reachable" in result.stderr
+    assert time.monotonic() - started < 30
+    offline = mlxgate("download", "x", env={**env, "HF_HUB_OFFLINE": "1"})
+    assert offline.returncode == 1 and "HF_HUB_OFFLINE is set" in offline.stderr
+
+
+def test_demo_model_builds_a_model_the_catalog_finds(tmp_path):
+    result = mlxgate("demo-model", str(tmp_path / "models" / "mine"), "--seed", "7", env=dict(os.environ))
+    assert result.returncode == 0 and "built a tiny random-weight model" in result.stdout
+    from daemon.catalog import Catalog, verify_model_folder
+
+    model = Catalog([tmp_path / "models"], None).resolve("mine")
+    verify_model_folder(model.path)

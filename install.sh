@@ -56,7 +56,7 @@ fi
 
 current="check the install"
 .venv/bin/mlxgate --version >/dev/null || fail "the mlxgate command does not run"
-.venv/bin/python -c 'import mlx.core, mlx_lm, litellm' || fail "a dependency does not import"
+LITELLM_LOCAL_MODEL_COST_MAP=True .venv/bin/python -c 'import mlx.core, mlx_lm, litellm' || fail "a dependency does not import"
 
 current=""
 if [ "$service" = 1 ]; then

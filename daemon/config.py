@@ -108,6 +108,19 @@ def _text_list(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _host(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip() or any(c.isspace() for c in value.strip()):
+        raise ValueError("expected a host address such as 127.0.0.1")
+    return value.strip()
+
+
+def _aliases(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                              for k, v in value.items()):
+        raise ValueError("expected a mapping of alias names to model names")
+    return dict(value)
+
+
 @dataclass(frozen=True)
 class Setting:
     key: str
@@ -134,6 +147,33 @@ SETTINGS: tuple[Setting, ...] = (
             "Port of the dynamic model server (switches model on demand).", "11402"),
     Setting("autocomplete_port", _port, 11403, "MLX_AUTOCOMPLETE_PORT",
             "Port of the autocomplete model server.", "11403"),
+    Setting("fixed_model", _optional_text, None, "MLXGATE_FIXED_MODEL",
+            "Serve every requested name with this one model, never switching.",
+            "mlx-community/Qwen2.5-Coder-3B-8bit"),
+    Setting("aliases", _aliases, {}, None,
+            "Extra names for local models, e.g. {coder: mlx-community/Qwen2.5-Coder-3B-8bit}.",
+            "{coder: mlx-community/Qwen2.5-Coder-3B-8bit}"),
+    Setting("autocomplete_alias", _optional_text, "autocomplete", "MLXGATE_AUTOCOMPLETE_ALIAS",
+            "The model name clients use to reach the autocomplete server.", "autocomplete"),
+    Setting("host", _host, "127.0.0.1", "MLXGATE_HOST",
+            "Address the proxy listeners bind; 0.0.0.0 exposes the gateway to the network.",
+            "127.0.0.1"),
+    Setting("port", _port, 11432, "MLXGATE_PORT",
+            "Port of the HTTP proxy (Anthropic and OpenAI APIs).", "11432"),
+    Setting("enable_https", _boolean, False, "MLXGATE_ENABLE_HTTPS",
+            "Also run the HTTPS proxy, with a certificate from the local authority in ssl_dir.",
+            "false"),
+    Setting("https_port", _port, 11433, "MLXGATE_HTTPS_PORT",
+            "Port of the HTTPS proxy.", "11433"),
+    Setting("ssl_domain", _optional_text, None, "MLXGATE_SSL_DOMAIN",
+            "Extra domain the HTTPS certificate is valid for (e.g. api.anthropic.com).",
+            "api.anthropic.com"),
+    Setting("ssl_dir", _optional_text, None, "MLXGATE_SSL_DIR",
+            "Folder of the certificate authority and certificates (default: ssl/ of the checkout).",
+            "ssl"),
+    Setting("plugin_dirs", _path_list, [], "MLXGATE_PLUGIN_DIRS",
+            "Extra folders whose *.py files are loaded as plugins, after the built-in plugins/.",
+            "[~/.mlxgate/plugins]"),
     Setting("max_tokens", _positive_int, 8192, "MAX_TOKENS",
             "Cap on the tokens one answer may generate.", "8192"),
     Setting("load_timeout", _seconds, 600, "MLXGATE_LOAD_TIMEOUT",
@@ -157,6 +197,16 @@ class Config:
     wrapper_url: str
     dynamic_port: int
     autocomplete_port: int
+    fixed_model: str | None
+    aliases: dict
+    autocomplete_alias: str | None
+    host: str
+    port: int
+    enable_https: bool
+    https_port: int
+    ssl_domain: str | None
+    ssl_dir: str | None
+    plugin_dirs: tuple[Path, ...]
     max_tokens: int
     load_timeout: float
     server_args: tuple[str, ...]
@@ -177,6 +227,23 @@ class Config:
     @property
     def log_dir(self) -> Path:
         return self.home / "logs"
+
+    @property
+    def ssl_path(self) -> Path:
+        return Path(self.ssl_dir).expanduser() if self.ssl_dir else PROJECT_ROOT / "ssl"
+
+    @property
+    def local_host(self) -> str:
+        """Where a client on this machine reaches the proxy listeners."""
+        return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.local_host}:{self.port}"
+
+    @property
+    def https_url(self) -> str:
+        return f"https://{self.ssl_domain or 'localhost'}:{self.https_port}"
 
 
 def config_path(env: Mapping[str, str] = os.environ) -> Path:
@@ -262,10 +329,14 @@ def load_config(path: Path | None = None, env: Mapping[str, str] = os.environ,
                               f"Fix: set it like `{setting.key}: {setting.example}`.") from None
 
     ports = {"dynamic_port": values["dynamic_port"], "autocomplete_port": values["autocomplete_port"],
-             "wrapper_url": urlparse(values["wrapper_url"]).port}
+             "wrapper_url": urlparse(values["wrapper_url"]).port, "port": values["port"]}
+    if values["enable_https"]:
+        ports["https_port"] = values["https_port"]
+    if values["fixed_model"]:
+        values["default_model"] = values["fixed_model"]
     if len(set(ports.values())) != len(ports):
-        raise ConfigError(f"{path}: dynamic_port, autocomplete_port and the wrapper_url port must differ, "
-                          f"got {ports}. Fix: give each its own port.")
+        raise ConfigError(f"{path}: {', '.join(ports)} must all differ, got {ports}. "
+                          f"Fix: give each its own port.")
 
     home = runtime_home(env)
     return Config(**values, home=home, source=path if path.exists() else None,

@@ -23,3 +23,20 @@ class ModelLoadFailed(MlxgateError):
 
 class ModelLoadTimeout(ModelLoadFailed):
     """A model server did not become ready within the load timeout."""
+
+
+class PluginError(MlxgateError):
+    """A plugin file could not be loaded or does not match the hook contract."""
+
+
+class RequestRejected(MlxgateError):
+    """A hook refuses a request: the client gets `status` and the message.
+
+    `kind` is one of: invalid_request, authentication, permission, not_found,
+    request_too_large, rate_limit, overloaded, unavailable, api_error.
+    """
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request"):
+        super().__init__(message)
+        self.status = status
+        self.kind = kind

@@ -49,7 +49,7 @@ def _write(tmp_path: Path, text: str) -> Path:
     ("detailed_debug: maybe\n", "detailed_debug: expected true or false"),
     ("model_dirs: {a: 1}\n", "model_dirs: expected a list of folder paths"),
     ("wrapper_url: localhost\n", "wrapper_url: expected a URL such as http://127.0.0.1:11401"),
-    ("dynamic_port: 11403\n", "must differ"),
+    ("dynamic_port: 11403\n", "must all differ"),
     ("- a\n- b\n", "expected a mapping of keys to values"),
     ("dynamic_port: [\n", "invalid YAML at line"),
 ])

@@ -1,0 +1,143 @@
+"""A local certificate authority and the leaf certificates the HTTPS proxy serves.
+
+The authority is made once (`ca.pem`, `ca-key.pem`); clients trust it once
+(`SSL_CERT_FILE`, `NODE_EXTRA_CA_CERTS`, the system keychain). Leaves carry proper
+subjectAltNames: localhost, 127.0.0.1, ::1 and an optional domain; they are named
+`cert.pem`/`key.pem`, or `cert_<domain>.pem`/`key_<domain>.pem` (dots and colons
+removed) for a domain. Private keys are written mode 600.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+from pathlib import Path
+
+from .errors import MlxgateError
+
+CA_CERT, CA_KEY = "ca.pem", "ca-key.pem"
+LEAF_DAYS = 825          # the longest validity macOS accepts for a TLS server certificate
+CA_DAYS = 3650
+RENEW_BEFORE = dt.timedelta(days=30)
+LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def leaf_paths(ssl_dir: Path, domain: str | None = None) -> tuple[Path, Path]:
+    if not domain:
+        return ssl_dir / "cert.pem", ssl_dir / "key.pem"
+    tag = domain.replace(".", "").replace(":", "")
+    return ssl_dir / f"cert_{tag}.pem", ssl_dir / f"key_{tag}.pem"
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    os.chmod(path, 0o600)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _key():
+    from cryptography.hazmat.primitives.asymmetric import ec
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _key_pem(key) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def ensure_ca(ssl_dir: Path):
+    """Load the authority, making it first if absent. Returns (certificate, key, made)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
+    ssl_dir.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = ssl_dir / CA_CERT, ssl_dir / CA_KEY
+    if cert_path.exists() and key_path.exists():
+        try:
+            cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+            key = serialization.load_pem_private_key(key_path.read_bytes(), None)
+        except ValueError as exc:
+            raise MlxgateError(f"{cert_path} or {key_path} is unreadable ({exc}). Fix: delete both and "
+                               f"run `mlxgate cert` to make a new authority (clients must trust it again).")
+        return cert, key, False
+    key = _key()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mlxgate local CA"),
+                      x509.NameAttribute(NameOID.ORGANIZATION_NAME, "mlxgate")])
+    now = _now()
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=CA_DAYS))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                         content_commitment=False, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False,
+                                         encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256()))
+    _write_private(key_path, _key_pem(key))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return cert, key, True
+
+
+def _san_entries(domain: str | None):
+    from cryptography import x509
+    entries = []
+    for name in (*LOCAL_NAMES, *([domain] if domain else [])):
+        try:
+            entries.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            entries.append(x509.DNSName(name))
+    return entries
+
+
+def _leaf_is_current(cert_path: Path, ca_cert, domain: str | None) -> bool:
+    from cryptography import x509
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        cert.verify_directly_issued_by(ca_cert)
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except Exception:
+        return False
+    return (set(sans) == set(_san_entries(domain))
+            and cert.not_valid_after_utc - _now() > RENEW_BEFORE)
+
+
+def ensure_leaf(ssl_dir: Path, domain: str | None = None) -> tuple[Path, Path, bool]:
+    """The leaf for `domain` (or localhost only), signed by the authority; made when missing,
+    expiring, or not matching. Returns (certificate path, key path, made)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    ca_cert, ca_key, _ = ensure_ca(ssl_dir)
+    cert_path, key_path = leaf_paths(ssl_dir, domain)
+    if key_path.exists() and _leaf_is_current(cert_path, ca_cert, domain):
+        return cert_path, key_path, False
+    key = _key()
+    now = _now()
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, domain or "localhost")]))
+            .issuer_name(ca_cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=LEAF_DAYS))
+            .add_extension(x509.SubjectAlternativeName(_san_entries(domain)), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_encipherment=True, key_cert_sign=False,
+                                         crl_sign=False, content_commitment=False, data_encipherment=False,
+                                         key_agreement=False, encipher_only=False, decipher_only=False),
+                           critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    _write_private(key_path, _key_pem(key))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return cert_path, key_path, True

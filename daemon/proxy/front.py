@@ -1,0 +1,179 @@
+"""ASGI middleware in front of the LiteLLM app: auth, body checks, error shapes.
+
+- Every route but the liveness probes needs the API key (`x-api-key` or
+  `Authorization: Bearer`), compared in constant time; LiteLLM's own answers to a
+  wrong key are confusing ("No connected db").
+- A JSON body must parse and be an object, and stay under `max_body` bytes.
+- Any error answer leaves in the API's own shape: Anthropic's
+  `{"type": "error", "error": {...}}` on `/v1/messages`, OpenAI's `{"error": {...}}`
+  elsewhere.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+
+from .api_errors import KINDS, error_body, is_anthropic_path
+
+OPEN_PATHS = ("/health/liveliness", "/health/liveness", "/health/readiness")
+STATUS_KINDS = {400: "invalid_request", 401: "authentication", 403: "permission", 404: "not_found",
+                413: "request_too_large", 422: "invalid_request", 429: "rate_limit", 503: "unavailable",
+                529: "overloaded"}
+
+
+class GatewayFront:
+    def __init__(self, app, api_key: str | None, max_body: int = 32 * 1024 * 1024):
+        self.app = app
+        self.api_key = api_key.encode() if api_key else None
+        self.max_body = max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        anthropic = is_anthropic_path(path)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+
+        if self.api_key and not path.startswith(OPEN_PATHS) and not self._authorized(headers):
+            return await _reply(send, 401, anthropic, "authentication",
+                                "invalid or missing API key: send it as `x-api-key` (Anthropic clients) or "
+                                "`Authorization: Bearer` (OpenAI clients); `mlxgate env` prints it")
+
+        body = b""
+        if scope.get("method") in ("POST", "PUT", "PATCH"):
+            length = headers.get("content-length")
+            if length and length.isdigit() and int(length) > self.max_body:
+                return await _reply(send, 413, anthropic, "request_too_large",
+                                    f"request body of {length} bytes is over the limit of {self.max_body}")
+            chunks, size, more = [], 0, True
+            while more:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return None
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self.max_body:
+                    return await _reply(send, 413, anthropic, "request_too_large",
+                                        f"request body is over the limit of {self.max_body} bytes")
+                chunks.append(chunk)
+                more = message.get("more_body", False)
+            body = b"".join(chunks)
+            if "json" in headers.get("content-type", "application/json") or not headers.get("content-type"):
+                problem = _json_problem(body)
+                if problem:
+                    return await _reply(send, 400, anthropic, "invalid_request", problem)
+            receive = _replay(body, receive)
+
+        return await self.app(scope, receive, _ErrorShaper(send, anthropic))
+
+    def _authorized(self, headers: dict) -> bool:
+        given = headers.get("x-api-key") or ""
+        auth = headers.get("authorization", "")
+        if not given and auth.lower().startswith("bearer "):
+            given = auth[7:].strip()
+        return hmac.compare_digest(given.encode(), self.api_key)
+
+
+def _json_problem(body: bytes) -> str | None:
+    if not body.strip():
+        return "the request body is empty: send a JSON object"
+    try:
+        data = json.loads(body)
+    except UnicodeDecodeError:
+        return "the request body is not valid UTF-8"
+    except ValueError as exc:
+        return f"the request body is not valid JSON: {exc}"
+    if not isinstance(data, dict):
+        return f"the request body must be a JSON object, got {type(data).__name__}"
+    return None
+
+
+def _replay(body: bytes, receive):
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+    return replay
+
+
+async def _reply(send, status: int, anthropic: bool, kind: str, message: str) -> None:
+    payload = error_body(anthropic, kind, message)
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(payload)).encode())]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+class _ErrorShaper:
+    """Rewrites error answers (status >= 400, JSON) into the API's own shape."""
+
+    def __init__(self, send, anthropic: bool):
+        self.send = send
+        self.anthropic = anthropic
+        self.status = 200
+        self.start = None
+        self.buffer = []
+
+    async def __call__(self, message):
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            if self.status < 400:
+                return await self.send(message)
+            self.start = message
+            return None
+        if message["type"] == "http.response.body" and self.start is not None:
+            self.buffer.append(message.get("body", b""))
+            if message.get("more_body", False):
+                return None
+            return await self._flush(b"".join(self.buffer))
+        return await self.send(message)
+
+    async def _flush(self, raw: bytes) -> None:
+        kind, text = _parse_error(raw, self.status)
+        payload = error_body(self.anthropic, kind, text)
+        headers = [(k, v) for k, v in self.start.get("headers", [])
+                   if k.lower() not in (b"content-length", b"content-type")]
+        headers += [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+        await self.send({"type": "http.response.start", "status": self.status, "headers": headers})
+        await self.send({"type": "http.response.body", "body": payload})
+
+
+def _parse_error(raw: bytes, status: int) -> tuple[str, str]:
+    """Our kind and the most specific message found in an upstream error body."""
+    kind = STATUS_KINDS.get(status, "api_error")
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return kind, raw.decode("utf-8", "replace").strip() or f"HTTP {status}"
+    error = data.get("error", data) if isinstance(data, dict) else data
+    detail = data.get("detail") if isinstance(data, dict) else None
+    for candidate in (error, detail):
+        if isinstance(candidate, dict):
+            if candidate.get("mlxgate_kind") in KINDS:
+                kind = candidate["mlxgate_kind"]
+            message = candidate.get("message") or candidate.get("error")
+            if isinstance(message, dict):
+                message = message.get("error") or message.get("message")
+            if isinstance(message, str):
+                return kind, _unwrap(message)
+        elif isinstance(candidate, str):
+            return kind, _unwrap(candidate)
+    return kind, json.dumps(data)[:500]
+
+
+def _unwrap(message: str) -> str:
+    """LiteLLM sometimes nests our hook's detail as a dict repr inside its message."""
+    start = message.find("{'error': ")
+    if start >= 0:
+        import ast
+        try:
+            inner = ast.literal_eval(message[start:message.rindex("}") + 1])
+            return str(inner.get("error") or message)
+        except (ValueError, SyntaxError):
+            pass
+    return message

@@ -1,0 +1,1 @@
+"""Running the gateway under supervisord: programs, the group-down listener, control."""

@@ -1,0 +1,47 @@
+"""Built-in plugin: model-name normalization.
+
+Rules, in order: `fixed_model` answers everything; the autocomplete alias goes to the
+autocomplete model; `aliases` from the config; Anthropic-style (`claude-*`) and
+OpenAI-style (`gpt-*`) names go to `default_model`; any other name is a local model
+name (provider prefixes and `mlx-community/` forms are resolved by the wrapper).
+A name that means the autocomplete model is served by the autocomplete server.
+"""
+
+from daemon import names
+from daemon.errors import RequestRejected, UnsafeModelName
+from daemon.hookspecs import Target, hookimpl
+
+HOSTED_PREFIXES = ("claude-", "gpt-")
+
+
+def _same_model(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    try:
+        return bool(set(names.candidates(a)) & set(names.candidates(b)))
+    except UnsafeModelName:
+        return False
+
+
+@hookimpl(trylast=True)
+def mlxgate_resolve_model(ctx):
+    config = ctx.config
+    requested = (ctx.requested_model or "").strip()
+    if config.fixed_model:
+        return Target(config.fixed_model, "dynamic")
+    if config.autocomplete_alias and requested == config.autocomplete_alias:
+        if not config.autocomplete_model:
+            raise RequestRejected(404, f"model {requested!r} is the autocomplete alias, but no "
+                                  f"autocomplete_model is configured. Set autocomplete_model in "
+                                  f"config/gateway.yaml or pass --autocomplete-model.", "not_found")
+        return Target(config.autocomplete_model, "autocomplete")
+    name = config.aliases.get(requested) or config.aliases.get(names.strip_provider(requested)) or requested
+    if names.strip_provider(name).lower().startswith(HOSTED_PREFIXES):
+        if not config.default_model:
+            raise RequestRejected(404, f"model {requested!r} would be answered by the default model, "
+                                  f"but none is configured. Set default_model in config/gateway.yaml "
+                                  f"or pass --default-model.", "not_found")
+        name = config.default_model
+    if config.autocomplete_model and _same_model(name, config.autocomplete_model):
+        return Target(config.autocomplete_model, "autocomplete")
+    return Target(name, "dynamic")

@@ -1,0 +1,21 @@
+"""Built-in plugin: cap the tokens one answer may generate (`max_tokens`, `MAX_TOKENS`).
+
+A request asking for more than the cap is lowered to it; a request that does not say
+is given the cap (mlx_lm.server's own default would be 512).
+"""
+
+from daemon.hookspecs import hookimpl
+
+LIMIT_KEYS = ("max_tokens", "max_completion_tokens")
+
+
+@hookimpl(trylast=True)
+def mlxgate_pre_call(ctx):
+    cap = ctx.config.max_tokens
+    present = [key for key in LIMIT_KEYS if ctx.data.get(key) is not None]
+    if not present:
+        ctx.data["max_tokens"] = cap
+    for key in present:
+        value = ctx.data[key]
+        if isinstance(value, int) and not isinstance(value, bool) and value > cap:
+            ctx.data[key] = cap

@@ -14,13 +14,13 @@ def _anthropic(base_url: str, key: str, prompt: str, max_tokens: int, http_clien
     client = anthropic.Anthropic(base_url=base_url, api_key=key, http_client=http_client, max_retries=0)
     lines = []
     started = time.monotonic()
-    message = client.messages.create(model="claude-sonnet-4-5", max_tokens=max_tokens,
+    message = client.messages.create(model="claude-opus-4-8", max_tokens=max_tokens,
                                      messages=[{"role": "user", "content": prompt}])
     text = "".join(b.text for b in message.content if b.type == "text")
     lines.append(f"messages.create: {time.monotonic() - started:.2f} s, stop_reason={message.stop_reason}, "
                  f"usage in/out={message.usage.input_tokens}/{message.usage.output_tokens}: {text[:80]!r}")
     started = time.monotonic()
-    with client.messages.stream(model="claude-sonnet-4-5", max_tokens=max_tokens,
+    with client.messages.stream(model="claude-opus-4-8", max_tokens=max_tokens,
                                 messages=[{"role": "user", "content": prompt}]) as stream:
         final = stream.get_final_message()
     lines.append(f"messages.stream: {time.monotonic() - started:.2f} s, stop_reason={final.stop_reason}, "
@@ -49,20 +49,22 @@ def _openai(base_url: str, key: str, prompt: str, max_tokens: int, http_client) 
 
 def run_checks(config: Config, port: int, api: str, prompt: str, max_tokens: int, https: bool = False,
                say=print) -> bool:
-    import httpx
+    import anthropic
+    import openai
 
     if https:
         base_url = f"https://{config.ssl_domain or 'localhost'}:{port if port != config.port else config.https_port}"
         verify = ssl.create_default_context(cafile=str(config.ssl_path / "ca.pem"))
     else:
         base_url, verify = f"http://{config.local_host}:{port}", True
-    http_client = httpx.Client(verify=verify, timeout=300)
     ok = True
     for name, check in (("anthropic", _anthropic), ("openai", _openai)):
         if api not in (name, "all"):
             continue
         say(f"{name} API at {base_url}:")
         try:
+            factory = anthropic.DefaultHttpxClient if name == "anthropic" else openai.DefaultHttpxClient
+            http_client = factory(verify=verify, timeout=300)
             for line in check(base_url, config.api_key or "", prompt, max_tokens, http_client):
                 say(f"  ok   {line}")
         except Exception as exc:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from support import Wrapper, make_broken_models, mlxgate
+from support import Gateway, Wrapper, make_broken_models, mlxgate
 
 # Keep the developer's own configuration and models out of the test run.
 for _name in ("MLXGATE_CONFIG", "MLXGATE_HOME", "MLXGATE_API_KEY", "MLXGATE_MODEL_DIRS",
@@ -19,12 +19,13 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory) -> Path:
-    """tiny-a (2 layers) and org/tiny-b (3 layers, other seed), plus two broken folders."""
+    """tiny-a (2 layers), org/tiny-b (3 layers), tiny-c (other seed), plus two broken folders."""
     models = tmp_path_factory.mktemp("models")
     env = dict(os.environ)
     mlxgate("demo-model", str(models / "tiny-a"), "--seed", "0", env=env, check=True)
     mlxgate("demo-model", str(models / "org" / "tiny-b"), "--seed", "1", "--layers", "3", env=env,
             check=True)
+    mlxgate("demo-model", str(models / "tiny-c"), "--seed", "2", env=env, check=True)
     make_broken_models(models, models / "tiny-a")
     return models
 
@@ -34,5 +35,16 @@ def wrapper(models_dir, tmp_path_factory):
     """One wrapper for the session, autocomplete model tiny-a kept loaded."""
     running = Wrapper(tmp_path_factory.mktemp("wrapper-home"), models_dir,
                       args=("--autocomplete-model", "tiny-a"))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway(models_dir, tmp_path_factory):
+    """One running daemon (HTTP + HTTPS) for the session: default model tiny-a,
+    autocomplete model org/tiny-b, token cap 64, requests logged with DETAILED_DEBUG."""
+    running = Gateway(tmp_path_factory.mktemp("gateway-home"), models_dir, "--default-model", "tiny-a",
+                      "--autocomplete-model", "org/tiny-b", extra_env={"DETAILED_DEBUG": "1"})
+    running.start()
     yield running
     running.stop()

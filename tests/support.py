@@ -154,3 +154,92 @@ def safetensors_header(path: Path) -> dict:
     with path.open("rb") as handle:
         (length,) = struct.unpack("<Q", handle.read(8))
         return json.loads(handle.read(length))
+
+
+class Gateway:
+    """A real daemon started with `mlxgate start`: supervisord, LiteLLM proxies, wrapper."""
+
+    def __init__(self, home: Path, models: Path, *flags: str, https: bool = True,
+                 extra_env: dict | None = None, max_tokens: int = 64):
+        self.home = home
+        self.port, self.https_port = free_port(), free_port()
+        self.wrapper_port, self.dynamic_port, self.autocomplete_port = free_port(), free_port(), free_port()
+        home.mkdir(parents=True, exist_ok=True)
+        self.env = dict(
+            os.environ,
+            MLXGATE_HOME=str(home),
+            MLXGATE_CONFIG=str(home / "gateway.yaml"),
+            MLXGATE_MODEL_DIRS=str(models),
+            MLXGATE_SSL_DIR=str(home / "ssl"),
+            MLXGATE_PLUGIN_DIRS=str(home / "plugins"),
+            HF_HUB_CACHE=str(home / "hf-cache"),
+            MLX_WRAPPER_URL=f"http://127.0.0.1:{self.wrapper_port}",
+            MLX_DYNAMIC_PORT=str(self.dynamic_port),
+            MLX_AUTOCOMPLETE_PORT=str(self.autocomplete_port),
+            **(extra_env or {}),
+        )
+        (home / "plugins").mkdir(exist_ok=True)
+        self.flags = ["--port", str(self.port), "--max-tokens", str(max_tokens), *flags]
+        if https:
+            self.flags += ["--enable-https", "--https-port", str(self.https_port)]
+        self.https = https
+        self.start_output = None
+
+    def start(self, check: bool = True) -> subprocess.CompletedProcess:
+        result = mlxgate("start", *self.flags, env=self.env, timeout=300)
+        self.start_output = result
+        if check and result.returncode != 0:
+            raise AssertionError(f"mlxgate start failed:\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def stop(self) -> None:
+        mlxgate("stop", env=self.env, timeout=120)
+
+    @property
+    def api_key(self) -> str:
+        return (self.home / "api_key").read_text().strip()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def https_url(self) -> str:
+        return f"https://localhost:{self.https_port}"
+
+    @property
+    def ca(self) -> Path:
+        return self.home / "ssl" / "ca.pem"
+
+    def supervisord_pid(self) -> int | None:
+        try:
+            return int((self.home / "supervisord.pid").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def our_pids(self) -> list[int]:
+        """Every live process whose command line names this daemon's runtime folder or ports."""
+        pids = []
+        root = self.supervisord_pid()
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                env = (proc / "environ").read_bytes()
+            except OSError:
+                continue
+            if f"MLXGATE_HOME={self.home}".encode() in env.split(b"\0") and pid_alive(int(proc.name)):
+                pids.append(int(proc.name))
+        if root and pid_alive(root) and root not in pids:
+            pids.append(root)
+        return pids
+
+    def wrapper_call(self, method: str, path: str, **kwargs) -> requests.Response:
+        return requests.request(method, f"http://127.0.0.1:{self.wrapper_port}{path}", timeout=120,
+                                headers={"Authorization": f"Bearer {self.api_key}"}, **kwargs)
+
+    def program_pids(self) -> dict[str, int]:
+        from daemon.supervision.control import Supervisor
+
+        return {name: info["pid"] for name, info in Supervisor(self.home).processes().items()
+                if info["pid"]}

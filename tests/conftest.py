@@ -15,6 +15,7 @@ for _name in ("MLXGATE_CONFIG", "MLXGATE_HOME", "MLXGATE_API_KEY", "MLXGATE_MODE
               "MLX_WRAPPER_URL", "MLX_DYNAMIC_PORT", "MLX_AUTOCOMPLETE_PORT"):
     os.environ.pop(_name, None)
 os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
 
 
 @pytest.fixture(scope="session")

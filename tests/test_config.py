@@ -82,3 +82,15 @@ def test_the_api_key_comes_from_the_environment_or_the_key_file(tmp_path):
     assert load_config(tmp_path / "a.yaml", env={"MLXGATE_HOME": str(tmp_path)}).api_key == "from-file"
     env = {"MLXGATE_HOME": str(tmp_path), "MLXGATE_API_KEY": "from-env"}
     assert load_config(tmp_path / "a.yaml", env=env).api_key == "from-env"
+
+
+def test_every_hook_and_command_is_in_the_readme():
+    from daemon import hookspecs
+    from daemon.cli import COMMANDS
+
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    for name in dir(hookspecs):
+        if name.startswith("mlxgate_"):
+            assert f"`{name}(ctx)" in readme, f"hook {name} is not documented in README.md"
+    for command in COMMANDS:
+        assert f"`mlxgate {command}" in readme, f"command {command} is not documented in README.md"

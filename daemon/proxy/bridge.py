@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 
 from fastapi import HTTPException
 from litellm.integrations.custom_logger import CustomLogger
@@ -19,6 +18,7 @@ from ..config import Config, load_config
 from ..errors import RequestRejected
 from ..hookspecs import CallContext
 from ..plugins import make_manager
+from ..redaction import redact
 from .litellm_config import AUTOCOMPLETE_DEPLOYMENT, DYNAMIC_DEPLOYMENT
 
 log = logging.getLogger("mlxgate.proxy")
@@ -30,23 +30,6 @@ ROUTES = {
     "atext_completion": "completions",
     "text_completion": "completions",
 }
-_SECRET_KEY = re.compile(r"(api_?key|authorization|secret|password|token$|^token)", re.I)
-
-
-def redact(value, secrets: tuple[str, ...]):
-    """A copy of `value` with secret-looking keys and any known secret string hidden."""
-    if isinstance(value, dict):
-        return {k: "[redacted]" if _SECRET_KEY.search(str(k)) and not str(k).endswith("_tokens")
-                else redact(v, secrets) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v, secrets) for v in value]
-    if isinstance(value, str):
-        for secret in secrets:
-            if secret and secret in value:
-                value = value.replace(secret, "[redacted]")
-    return value
-
-
 class MlxgateBridge(CustomLogger):
     def __init__(self, config: Config | None = None):
         super().__init__()

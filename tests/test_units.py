@@ -1,0 +1,182 @@
+"""Units that need no running daemon: listener protocol, certificates, routing rules, generated config."""
+
+from __future__ import annotations
+
+import io
+import ssl
+from pathlib import Path
+
+import pytest
+import yaml
+
+from daemon.config import load_config
+from daemon.errors import RequestRejected
+from daemon.hookspecs import CallContext
+from daemon.plugins import make_manager
+from daemon.proxy import litellm_config
+from daemon.redaction import redact
+from daemon.supervision.control import program_env
+from daemon.supervision.listener import GroupDownListener
+
+
+# ---------------------------------------------------------------- group-down listener
+class FakeRPC:
+    def __init__(self):
+        self.calls = []
+        self.supervisor = self
+
+    def shutdown(self):
+        self.calls.append("shutdown")
+
+
+def _frame(event: str, payload: str) -> str:
+    header = (f"ver:3.0 server:supervisor serial:1 pool:group_down poolserial:1 eventname:{event} "
+              f"len:{len(payload)}\n")
+    return header + payload
+
+
+@pytest.mark.parametrize("event, payload, shuts_down", [
+    ("PROCESS_STATE_EXITED", "processname:proxy groupname:proxy from_state:RUNNING expected:0 pid:42", True),
+    ("PROCESS_STATE_EXITED", "processname:wrapper groupname:wrapper from_state:RUNNING expected:1 pid:7", True),
+    ("PROCESS_STATE_FATAL", "processname:proxy_https groupname:proxy_https from_state:BACKOFF", True),
+    ("PROCESS_STATE_EXITED", "processname:other groupname:other from_state:RUNNING expected:0 pid:9", False),
+])
+def test_listener_acknowledges_then_shuts_the_group_down(event, payload, shuts_down):
+    rpc, stdout, stderr = FakeRPC(), io.StringIO(), io.StringIO()
+    listener = GroupDownListener(rpc, stdin=io.StringIO(_frame(event, payload)), stdout=stdout, stderr=stderr)
+    assert listener.run_once() is shuts_down
+    assert stdout.getvalue() == "READY\nRESULT 2\nOK"  # the protocol only, nothing else on stdout
+    assert rpc.calls == (["shutdown"] if shuts_down else [])
+    if shuts_down:
+        assert "bringing the whole mlxgate group down" in stderr.getvalue()
+
+
+def test_listener_shuts_down_once():
+    rpc = FakeRPC()
+    listener = GroupDownListener(rpc, stdout=io.StringIO(), stderr=io.StringIO())
+    payload = "processname:proxy groupname:proxy from_state:RUNNING expected:0 pid:1"
+    assert listener.handle("PROCESS_STATE_EXITED", payload)
+    assert not listener.handle("PROCESS_STATE_EXITED", payload.replace("proxy", "wrapper"))
+    assert rpc.calls == ["shutdown"]
+
+
+# ---------------------------------------------------------------- certificates
+def test_cert_makes_an_authority_and_leaves_with_proper_names(tmp_path):
+    from cryptography import x509
+
+    from daemon.certs import ensure_leaf
+
+    cert, key, made = ensure_leaf(tmp_path)
+    assert made and cert.name == "cert.pem" and key.name == "key.pem"
+    assert (tmp_path / "ca.pem").exists() and (tmp_path / "ca-key.pem").stat().st_mode & 0o777 == 0o600
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert ensure_leaf(tmp_path)[2] is False, "kept when still good"
+    dcert, dkey, _ = ensure_leaf(tmp_path, "api.anthropic.com")
+    assert dcert.name == "cert_apianthropiccom.pem" and dkey.name == "key_apianthropiccom.pem"
+    sans = x509.load_pem_x509_certificate(dcert.read_bytes()).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value
+    assert {"localhost", "api.anthropic.com"} <= set(sans.get_values_for_type(x509.DNSName))
+    assert {str(ip) for ip in sans.get_values_for_type(x509.IPAddress)} == {"127.0.0.1", "::1"}
+    # A real TLS handshake: Python's verifier accepts the chain for each name, and no other.
+    client = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(dcert, dkey)
+    for name, ok in (("api.anthropic.com", True), ("localhost", True), ("example.com", False)):
+        assert _handshake(server, client, name) is ok, name
+
+
+def _handshake(server, client, name: str) -> bool:
+    import socket
+    import threading
+
+    left, right = socket.socketpair()
+    with left, right:
+        served = server.wrap_socket(left, server_side=True, do_handshake_on_connect=False)
+        calling = client.wrap_socket(right, server_hostname=name, do_handshake_on_connect=False)
+        worker = threading.Thread(target=lambda: _quiet(served.do_handshake))
+        worker.start()
+        try:
+            calling.do_handshake()
+            return True
+        except ssl.SSLCertVerificationError:
+            return False
+        finally:
+            calling.close()
+            worker.join(5)
+
+
+def _quiet(call):
+    try:
+        call()
+    except (ssl.SSLError, OSError):
+        pass
+
+
+# ---------------------------------------------------------------- routing rules (built-in plugins)
+def _route(requested: str, **settings):
+    config = load_config(Path("/nonexistent.yaml"), env={}, overrides=settings)
+    pm = make_manager(entry_points=False)
+    ctx = CallContext("chat_completions", requested, {"model": requested}, config)
+    return pm.hook.mlxgate_resolve_model(ctx=ctx)
+
+
+@pytest.mark.parametrize("requested, settings, model, server", [
+    ("claude-opus-4-8[1m]", {"default_model": "tiny-a"}, "tiny-a", "dynamic"),
+    ("gpt-4o", {"default_model": "tiny-a"}, "tiny-a", "dynamic"),
+    ("openai/gpt-4o-mini", {"default_model": "tiny-a"}, "tiny-a", "dynamic"),
+    ("tiny-c", {"default_model": "tiny-a"}, "tiny-c", "dynamic"),
+    ("autocomplete", {"autocomplete_model": "org/tiny-b"}, "org/tiny-b", "autocomplete"),
+    ("openai/org/tiny-b", {"autocomplete_model": "org/tiny-b"}, "org/tiny-b", "autocomplete"),
+    ("coder", {"aliases": {"coder": "tiny-c"}}, "tiny-c", "dynamic"),
+    ("anything", {"fixed_model": "tiny-a"}, "tiny-a", "dynamic"),
+    ("claude-3-haiku", {"fixed_model": "tiny-a", "autocomplete_model": "org/tiny-b"}, "tiny-a", "dynamic"),
+])
+def test_model_names_route_to_local_models(requested, settings, model, server):
+    target = _route(requested, **settings)
+    assert (target.model, target.server) == (model, server)
+
+
+def test_claude_names_without_a_default_model_are_refused_clearly():
+    with pytest.raises(RequestRejected, match="set default_model|Set default_model") as caught:
+        _route("claude-opus-4-8")
+    assert caught.value.status == 404
+
+
+def test_token_cap_lowers_and_sets():
+    config = load_config(Path("/nonexistent.yaml"), env={}, overrides={"max_tokens": 100})
+    pm = make_manager(entry_points=False)
+    for data, expected in (({"max_tokens": 5000}, {"max_tokens": 100}), ({}, {"max_tokens": 100}),
+                           ({"max_tokens": 7}, {"max_tokens": 7}),
+                           ({"max_completion_tokens": 900}, {"max_completion_tokens": 100})):
+        ctx = CallContext("chat_completions", "x", dict(data), config)
+        pm.hook.mlxgate_pre_call(ctx=ctx)
+        assert ctx.data == expected
+
+
+# ---------------------------------------------------------------- generated config and environment
+def test_generated_litellm_config_routes_names_and_sets_what_mlx_needs(tmp_path):
+    config = load_config(tmp_path / "none.yaml", env={"MLXGATE_HOME": str(tmp_path)},
+                         overrides={"dynamic_port": 12402, "autocomplete_port": 12403})
+    data = yaml.safe_load(litellm_config.write(config).read_text())
+    routes = {m["model_name"]: m["litellm_params"]["api_base"] for m in data["model_list"]}
+    assert routes["claude-*"] == routes["gpt-*"] == routes["*"] == "http://127.0.0.1:12402/v1"
+    assert routes["autocomplete"] == "http://127.0.0.1:12403/v1"
+    assert data["litellm_settings"]["use_chat_completions_url_for_anthropic_messages"] is True
+    assert data["litellm_settings"]["callbacks"] == ["daemon.proxy.bridge.bridge"]
+    assert data["general_settings"]["master_key"] == "os.environ/MLXGATE_API_KEY"
+
+
+def test_program_environment_carries_the_effective_settings(tmp_path):
+    config = load_config(tmp_path / "none.yaml", env={"MLXGATE_HOME": str(tmp_path), "MLXGATE_API_KEY": "k"},
+                         overrides={"port": 12000, "max_tokens": 77, "enable_https": True})
+    env = program_env(config, use_sudo=True)
+    assert env["MLXGATE_PORT"] == "12000" and env["MAX_TOKENS"] == "77" and env["MLXGATE_ENABLE_HTTPS"] == "true"
+    assert env["MLXGATE_PROXY_PREFIX"] == "sudo -n -E " and env["MLXGATE_HOME"] == str(tmp_path)
+    assert program_env(config)["MLXGATE_PROXY_PREFIX"] == ""
+
+
+def test_debug_logging_redacts_keys():
+    data = {"model": "x", "max_tokens": 5, "api_key": "sk-1", "metadata": {"user_api_key": "sk-1",
+            "headers": {"Authorization": "Bearer sk-1"}}, "messages": [{"content": "my key is sk-1"}]}
+    shown = redact(data, ("sk-1",))
+    assert "sk-1" not in repr(shown) and shown["max_tokens"] == 5 and shown["model"] == "x"

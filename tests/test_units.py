@@ -180,3 +180,20 @@ def test_debug_logging_redacts_keys():
             "headers": {"Authorization": "Bearer sk-1"}}, "messages": [{"content": "my key is sk-1"}]}
     shown = redact(data, ("sk-1",))
     assert "sk-1" not in repr(shown) and shown["max_tokens"] == 5 and shown["model"] == "x"
+
+
+def test_the_readme_example_plugin_works(tmp_path):
+    from daemon import PROJECT_ROOT
+
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    source = readme.split("# plugins/house_rules.py\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "house_rules.py").write_text(source)
+    config = load_config(Path("/nonexistent.yaml"), env={}, overrides={"default_model": "tiny-a"})
+    pm = make_manager([tmp_path], entry_points=False)
+    ctx = CallContext("chat_completions", "fast-x", {"messages": [{"content": "hi"}]}, config)
+    assert pm.hook.mlxgate_resolve_model(ctx=ctx).model == "mlx-community/Qwen2.5-Coder-0.5B-8bit"
+    pm.hook.mlxgate_pre_call(ctx=ctx)
+    assert ctx.data["temperature"] == 0.2 and ctx.data["max_tokens"] == config.max_tokens
+    refused = CallContext("chat_completions", "x", {"messages": [{"content": "forbidden"}]}, config)
+    with pytest.raises(RequestRejected, match="does not answer that"):
+        pm.hook.mlxgate_pre_call(ctx=refused)

@@ -54,6 +54,20 @@ else
   step "config/gateway.yaml exists; left as it is"
 fi
 
+current="make the API key"
+.venv/bin/python - <<'PY' || fail "could not write the API key file"
+from daemon.config import runtime_home
+from daemon.supervision.control import ensure_api_key
+import os
+home = runtime_home()
+if os.environ.get("MLXGATE_API_KEY"):
+    print("==> API key: MLXGATE_API_KEY is set; using it")
+else:
+    existed = (home / "api_key").is_file()
+    ensure_api_key(home)
+    print(f"==> API key: {home / 'api_key'} ({'kept' if existed else 'made'}, mode 600)")
+PY
+
 current="check the install"
 .venv/bin/mlxgate --version >/dev/null || fail "the mlxgate command does not run"
 LITELLM_LOCAL_MODEL_COST_MAP=True .venv/bin/python -c 'import mlx.core, mlx_lm, litellm' || fail "a dependency does not import"
@@ -66,7 +80,7 @@ cat <<'NEXT'
 
 mlxgate is installed. Next:
   .venv/bin/mlxgate demo-model ~/models/tiny        # a tiny offline model to try the stack
-  .venv/bin/mlxgate wrapper --default-model tiny    # run the MLX wrapper
-  .venv/bin/mlxgate models                          # in another shell: what it can serve
+  .venv/bin/mlxgate start --default-model tiny      # run the gateway (or a model of yours)
+  eval "$(.venv/bin/mlxgate env)"                   # point Anthropic/OpenAI clients at it
 Tests: .venv/bin/python -m pytest
 NEXT

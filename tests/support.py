@@ -79,6 +79,22 @@ def make_broken_models(models: Path, good: Path) -> None:
     (shapes / "model.safetensors").write_bytes((good / "model.safetensors").read_bytes())
 
 
+def isolated_env(home: Path, models: Path, wrapper_port: int, dynamic_port: int, autocomplete_port: int,
+                 **extra: str) -> dict:
+    """An environment that keeps a test's gateway apart: own runtime folder, models and ports."""
+    return dict(
+        os.environ,
+        MLXGATE_HOME=str(home),
+        MLXGATE_CONFIG=str(home / "gateway.yaml"),
+        MLXGATE_MODEL_DIRS=str(models),
+        HF_HUB_CACHE=str(home / "hf-cache"),
+        MLX_WRAPPER_URL=f"http://127.0.0.1:{wrapper_port}",
+        MLX_DYNAMIC_PORT=str(dynamic_port),
+        MLX_AUTOCOMPLETE_PORT=str(autocomplete_port),
+        **extra,
+    )
+
+
 class Wrapper:
     """A real `mlxgate wrapper` (gunicorn + Flask) on free ports, with its own runtime folder."""
 
@@ -88,18 +104,8 @@ class Wrapper:
         self.api_key = api_key
         self.port, self.dynamic_port, self.autocomplete_port = free_port(), free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = dict(
-            os.environ,
-            MLXGATE_HOME=str(home),
-            MLXGATE_CONFIG=str(home / "gateway.yaml"),
-            MLXGATE_MODEL_DIRS=str(models),
-            HF_HUB_CACHE=str(home / "hf-cache"),
-            MLX_WRAPPER_URL=self.url,
-            MLX_DYNAMIC_PORT=str(self.dynamic_port),
-            MLX_AUTOCOMPLETE_PORT=str(self.autocomplete_port),
-            MLXGATE_API_KEY=api_key,
-            **(extra_env or {}),
-        )
+        self.env = isolated_env(home, models, self.port, self.dynamic_port, self.autocomplete_port,
+                                MLXGATE_API_KEY=api_key, **(extra_env or {}))
         home.mkdir(parents=True, exist_ok=True)
         self.log_path = home / "wrapper.log"
         self._log = self.log_path.open("ab")
@@ -165,19 +171,9 @@ class Gateway:
         self.port, self.https_port = free_port(), free_port()
         self.wrapper_port, self.dynamic_port, self.autocomplete_port = free_port(), free_port(), free_port()
         home.mkdir(parents=True, exist_ok=True)
-        self.env = dict(
-            os.environ,
-            MLXGATE_HOME=str(home),
-            MLXGATE_CONFIG=str(home / "gateway.yaml"),
-            MLXGATE_MODEL_DIRS=str(models),
-            MLXGATE_SSL_DIR=str(home / "ssl"),
-            MLXGATE_PLUGIN_DIRS=str(home / "plugins"),
-            HF_HUB_CACHE=str(home / "hf-cache"),
-            MLX_WRAPPER_URL=f"http://127.0.0.1:{self.wrapper_port}",
-            MLX_DYNAMIC_PORT=str(self.dynamic_port),
-            MLX_AUTOCOMPLETE_PORT=str(self.autocomplete_port),
-            **(extra_env or {}),
-        )
+        self.env = isolated_env(home, models, self.wrapper_port, self.dynamic_port, self.autocomplete_port,
+                                MLXGATE_SSL_DIR=str(home / "ssl"), MLXGATE_PLUGIN_DIRS=str(home / "plugins"),
+                                **(extra_env or {}))
         (home / "plugins").mkdir(exist_ok=True)
         self.flags = ["--port", str(self.port), "--max-tokens", str(max_tokens), *flags]
         if https:

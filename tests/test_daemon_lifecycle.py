@@ -90,3 +90,11 @@ def test_start_refuses_a_port_in_use_and_a_second_start(models_dir, tmp_path):
     finally:
         gateway.stop()
     assert mlxgate("stop", env=gateway.env).stdout.strip() == "mlxgate is not running"
+
+
+def test_start_with_a_download_fails_fast_offline_before_starting_anything(models_dir, tmp_path):
+    gateway = Gateway(tmp_path / "home", models_dir, "--download-model", "Qwen2.5-Coder-0.5B-8bit",
+                      https=False, extra_env={"HF_HUB_OFFLINE": "1"})
+    result = gateway.start(check=False)
+    assert result.returncode == 1 and "cannot download mlx-community/Qwen2.5-Coder-0.5B-8bit" in result.stderr
+    assert gateway.supervisord_pid() is None

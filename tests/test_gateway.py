@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import ssl
 import subprocess
+import sys
 
 import anthropic
 import openai
 import pytest
 import requests
 
-from support import mlxgate
+from support import ROOT, mlxgate
+
+SUPERVISORCTL = [sys.executable, "-m", "supervisor.supervisorctl"]
 
 PROMPT = [{"role": "user", "content": "Write a story"}]
 
@@ -226,6 +229,19 @@ def test_check_command_passes_against_the_running_gateway(gateway):
     assert result.stdout.count("  ok   ") == 4 and "FAIL" not in result.stdout
 
 
-from support import ROOT  # noqa: E402
-import sys  # noqa: E402
-SUPERVISORCTL = [sys.executable, "-m", "supervisor.supervisorctl"]
+def test_logs_show_each_program(gateway):
+    result = mlxgate("logs", "proxy", "wrapper", "-n", "50", env=gateway.env)
+    assert result.returncode == 0
+    assert "==> " in result.stdout and "proxy.log" in result.stdout and "wrapper.log" in result.stdout
+    assert "Booting worker" in result.stdout
+
+
+def test_restart_of_one_program_keeps_the_group_and_serves_again(gateway):
+    before = gateway.program_pids()
+    result = mlxgate("restart", "wrapper", env=gateway.env)
+    assert result.returncode == 0 and "wrapper restarted" in result.stdout
+    after = gateway.program_pids()
+    assert after["wrapper"] != before["wrapper"] and after["proxy"] == before["proxy"]
+    message = claude(gateway).messages.create(model="claude-opus-4-8", max_tokens=2, messages=PROMPT)
+    assert message.usage.output_tokens == 2
+    assert mlxgate("restart", "nonsense", env=gateway.env).returncode == 1

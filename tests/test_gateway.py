@@ -12,7 +12,7 @@ import openai
 import pytest
 import requests
 
-from support import ROOT, mlxgate
+from support import ROOT, mlxgate, wait_for
 
 SUPERVISORCTL = [sys.executable, "-m", "supervisor.supervisorctl"]
 
@@ -138,8 +138,10 @@ def test_the_token_cap_lowers_and_sets_max_tokens(gateway):
 
 def test_detailed_debug_logs_requests_without_keys(gateway):
     gpt(gateway).chat.completions.create(model="gpt-4o", max_tokens=3, messages=[{"role": "user", "content": "debug-marker"}])
-    log = (gateway.home / "logs" / "proxy.log").read_text()
-    assert "debug-marker" in log and "chat_completions 'gpt-4o'" in log
+    log_path = gateway.home / "logs" / "proxy.log"
+    wait_for(lambda: "debug-marker" in log_path.read_text(), 10, what="the request in the proxy log")
+    log = log_path.read_text()
+    assert "chat_completions 'gpt-4o'" in log
     assert gateway.api_key not in log
 
 

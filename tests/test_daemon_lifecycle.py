@@ -13,7 +13,7 @@ from support import Gateway, mlxgate, pid_alive, wait_for
 PROMPT = [{"role": "user", "content": "Write a story"}]
 
 
-@pytest.mark.parametrize("victim", ["wrapper", "proxy", "proxy_https"])
+@pytest.mark.parametrize("victim", ["wrapper", "proxy", "proxy_https", "supervisord"])
 def test_kill_9_of_any_program_brings_the_whole_group_down(models_dir, tmp_path, victim):
     gateway = Gateway(tmp_path / "home", models_dir, "--default-model", "tiny-a",
                       "--autocomplete-model", "org/tiny-b")
@@ -24,12 +24,16 @@ def test_kill_9_of_any_program_brings_the_whole_group_down(models_dir, tmp_path,
         assert all(model_pids)
         ours = gateway.our_pids()
         assert len(ours) >= 7, ours  # supervisord, listener, 2 proxies, gunicorn x2, 2 model servers
-        os.kill(gateway.program_pids()[victim], signal.SIGKILL)
+        pid = gateway.supervisord_pid() if victim == "supervisord" else gateway.program_pids()[victim]
+        os.kill(pid, signal.SIGKILL)
         wait_for(lambda: not any(pid_alive(p) for p in ours + model_pids), 30,
                  what=f"every process of the group to exit after {victim} was killed")
         assert mlxgate("status", env=gateway.env).returncode == 1
-        log = (gateway.home / "logs" / "group_down.log").read_text()
-        assert f"{victim} exited on its own" in log
+        if victim != "supervisord":  # the programs notice their parent is gone and stop themselves
+            log = (gateway.home / "logs" / "group_down.log").read_text()
+            assert f"{victim} exited on its own" in log
+        gateway.start()  # what the boot service does next: a clean start over the leftovers
+        assert mlxgate("status", env=gateway.env).returncode == 0
     finally:
         gateway.stop()
 

@@ -7,6 +7,7 @@ healthy, or fails printing the failing program's last log lines.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import secrets
@@ -87,19 +88,23 @@ class Supervisor:
     """XML-RPC to the running supervisord of one runtime folder."""
 
     def __init__(self, home: Path):
-        from supervisor.xmlrpc import SupervisorTransport
-
         self.home = home
         self.socket = home / "supervisor.sock"
+
+    @property
+    def rpc(self) -> xmlrpc.client.ServerProxy:
+        """A fresh proxy per use: a failed call leaves supervisor's transport unusable."""
+        from supervisor.xmlrpc import SupervisorTransport
+
         transport = SupervisorTransport(None, None, f"unix://{self.socket}")
-        self.rpc = xmlrpc.client.ServerProxy("http://127.0.0.1", transport)
+        return xmlrpc.client.ServerProxy("http://127.0.0.1", transport)
 
     def running(self) -> bool:
         if not self.socket.exists():
             return False
         try:
             return self.rpc.supervisor.getState()["statename"] == "RUNNING"
-        except (OSError, xmlrpc.client.Fault):
+        except (OSError, xmlrpc.client.Fault, http.client.HTTPException):
             return False
 
     def processes(self) -> dict[str, dict]:
@@ -208,7 +213,7 @@ def wait_healthy(config: Config, supervisor: Supervisor, say: Callable[[str], No
                                f"{log_tail(config, name)}")
         try:
             states = supervisor.processes()
-        except (OSError, xmlrpc.client.Fault):
+        except (OSError, xmlrpc.client.Fault, http.client.HTTPException):
             states = {}
         for name in wanted:
             state = states.get(name, {}).get("statename")
@@ -258,7 +263,7 @@ def stop(config: Config, say: Callable[[str], None] = print, timeout: float = 60
         say("stopping mlxgate...")
         try:
             supervisor.rpc.supervisor.shutdown()
-        except (OSError, xmlrpc.client.Fault):
+        except (OSError, xmlrpc.client.Fault, http.client.HTTPException):
             pass
     deadline = time.monotonic() + timeout
     while pid and _alive(pid) and time.monotonic() < deadline:

@@ -203,6 +203,14 @@ def test_a_missing_or_wrong_key_is_a_401_in_both_shapes(gateway, key):
                 model="gpt-4o", **MESSAGE)
 
 
+def test_curl_without_a_content_type_header_still_works(gateway):
+    result = subprocess.run(["curl", "-s", gateway.url + "/v1/chat/completions", "-H",
+                             f"Authorization: Bearer {gateway.api_key}", "-d",
+                             json.dumps({"model": "gpt-4o", "max_tokens": 3, "messages": PROMPT})],
+                            capture_output=True, text=True, timeout=60)
+    assert json.loads(result.stdout)["usage"]["completion_tokens"] == 3
+
+
 def test_an_escaping_model_name_is_refused(gateway):
     body = json.dumps({"model": "../tiny-a", **MESSAGE}).encode()
     assert "not allowed" in _anthropic_error(_post(gateway, "/v1/messages", body), 400, "invalid_request_error")

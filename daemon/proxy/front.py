@@ -59,10 +59,14 @@ class GatewayFront:
                 chunks.append(chunk)
                 more = message.get("more_body", False)
             body = b"".join(chunks)
-            if "json" in headers.get("content-type", "application/json") or not headers.get("content-type"):
+            content_type = headers.get("content-type", "")
+            if "multipart" not in content_type:  # these APIs take JSON, whatever the client labels it
                 problem = _json_problem(body)
                 if problem:
                     return await _reply(send, 400, anthropic, "invalid_request", problem)
+                if "json" not in content_type:  # e.g. curl -d without -H: let LiteLLM read it as JSON
+                    scope = dict(scope, headers=[(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
+                                 + [(b"content-type", b"application/json")])
             receive = _replay(body, receive)
 
         return await self.app(scope, receive, _ErrorShaper(send, anthropic))

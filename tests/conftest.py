@@ -42,10 +42,11 @@ def wrapper(models_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def gateway(models_dir, tmp_path_factory):
-    """One running daemon (HTTP + HTTPS) for the session: default model tiny-a,
-    autocomplete model org/tiny-b, token cap 64, requests logged with DETAILED_DEBUG."""
+    """One running daemon (HTTP + HTTPS, certificate also for api.anthropic.com) for the session:
+    default model tiny-a, autocomplete model org/tiny-b, token cap 64, DETAILED_DEBUG on."""
     running = Gateway(tmp_path_factory.mktemp("gateway-home"), models_dir, "--default-model", "tiny-a",
-                      "--autocomplete-model", "org/tiny-b", extra_env={"DETAILED_DEBUG": "1"})
+                      "--autocomplete-model", "org/tiny-b", "--ssl-domain", "api.anthropic.com",
+                      extra_env={"DETAILED_DEBUG": "1"})
     running.start()
     yield running
     running.stop()

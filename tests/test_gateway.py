@@ -33,7 +33,7 @@ def gpt(gateway) -> openai.OpenAI:
 
 def test_start_printed_the_urls_and_status_is_healthy(gateway):
     out = gateway.start_output.stdout
-    assert f"HTTP   {gateway.url}" in out and f"HTTPS  https://localhost:{gateway.https_port}" in out
+    assert f"HTTP   {gateway.url}" in out and f"HTTPS  https://api.anthropic.com:{gateway.https_port}" in out
     status = mlxgate("status", env=gateway.env)
     assert status.returncode == 0, status.stdout
     for part in ("proxy ", "proxy_https ", "wrapper ", "group_down "):
@@ -68,6 +68,21 @@ def test_anthropic_stream_events_come_in_order(gateway, https):
     assert kinds[-3:] == ["content_block_stop", "message_delta", "message_stop"]
     assert set(kinds[2:-3]) == {"content_block_delta"}
     assert final.stop_reason == "max_tokens" and final.usage.output_tokens == 6
+
+
+def test_https_answers_as_api_anthropic_com_with_the_local_authority(gateway):
+    """What a client redirected to api.anthropic.com (hosts file, port forward) sees: a trusted certificate."""
+    body = json.dumps({"model": "claude-opus-4-8", "max_tokens": 2, "messages": PROMPT})
+    result = subprocess.run(["curl", "-sS", "--cacert", str(gateway.ca), "--resolve",
+                             f"api.anthropic.com:{gateway.https_port}:127.0.0.1",
+                             f"https://api.anthropic.com:{gateway.https_port}/v1/messages",
+                             "-H", f"x-api-key: {gateway.api_key}", "-H", "content-type: application/json",
+                             "-d", body], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["usage"]["output_tokens"] == 2
+    https_env = mlxgate("env", "--https", env=gateway.env).stdout
+    assert f"export ANTHROPIC_BASE_URL=https://api.anthropic.com:{gateway.https_port}" in https_env
+    assert f"export NODE_EXTRA_CA_CERTS={gateway.ca}" in https_env
 
 
 def test_a_system_prompt_reaches_the_model(gateway):

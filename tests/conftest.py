@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from support import Gateway, Wrapper, make_broken_models, mlxgate
+from support import Gateway, Wrapper, make_broken_models, mlxgate, wait_for
 
 # Keep the developer's own configuration and models out of the test run.
 for _name in ("MLXGATE_CONFIG", "MLXGATE_HOME", "MLXGATE_API_KEY", "MLXGATE_MODEL_DIRS",
@@ -36,6 +36,8 @@ def wrapper(models_dir, tmp_path_factory):
     """One wrapper for the session, autocomplete model tiny-a kept loaded."""
     running = Wrapper(tmp_path_factory.mktemp("wrapper-home"), models_dir,
                       args=("--autocomplete-model", "tiny-a"))
+    wait_for(lambda: running.servers()["autocomplete"]["state"] == "ready", 120,
+             what="the autocomplete model to load at wrapper start")
     yield running
     running.stop()
 

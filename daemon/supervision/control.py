@@ -152,7 +152,7 @@ def log_tail(config: Config, program: str, lines: int = 25) -> str:
 
 
 def _check_ports(config: Config) -> None:
-    from ..wrapper.process import port_in_use
+    from ..net import port_in_use
 
     wanted = {"port": (config.host, config.port), "wrapper_url": (config.wrapper_host, config.wrapper_port),
               "dynamic_port": ("127.0.0.1", config.dynamic_port),

@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 
 from ..catalog import LocalModel, verify_model_folder
 from ..errors import ModelLoadFailed
+from ..net import port_in_use
 from . import process as processes
 from .readiness import wait_until_ready
 
@@ -182,7 +183,7 @@ class ModelServer:
         return self.launcher.log_dir / f"{self.role}-server.log"
 
     def _start(self, model: LocalModel) -> None:
-        if processes.port_in_use(self.port):
+        if port_in_use(self.port):
             self._transition(State.STARTING, model=model, process=None, error=None)
             reason = (f"port {self.port} is already in use by another process; stop it or choose "
                       f"another {self.role}_port")

@@ -189,8 +189,10 @@ MESSAGE = {"max_tokens": 5, "messages": PROMPT}
 def test_unknown_model_is_not_found_in_both_shapes(gateway):
     body = json.dumps({"model": "no-such-model", **MESSAGE}).encode()
     assert "no-such-model" in _anthropic_error(_post(gateway, "/v1/messages", body), 404, "not_found_error")
-    error = _openai_error(_post(gateway, "/v1/chat/completions", body, header="authorization"), 404)
-    assert error["code"] == "model_not_found" and "no-such-model" in error["message"]
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        error = _openai_error(_post(gateway, path, body, header="authorization"), 404)
+        assert error["code"] == "model_not_found"
+        assert error["message"].startswith("model 'no-such-model' not found in "), error["message"]
     with pytest.raises(anthropic.NotFoundError):
         claude(gateway).messages.create(model="no-such-model", **MESSAGE)
     with pytest.raises(openai.NotFoundError):

@@ -18,6 +18,11 @@ KINDS = {
 }
 
 
+# A hook's rejection travels through LiteLLM as an error whose type is this prefix + our kind;
+# the front turns it back into the API's own error type.
+KIND_PREFIX = "mlxgate:"
+
+
 def is_anthropic_path(path: str) -> bool:
     return path.startswith(("/v1/messages", "/messages", "/anthropic"))
 

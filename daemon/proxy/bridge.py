@@ -11,14 +11,15 @@ import asyncio
 import json
 import logging
 
-from fastapi import HTTPException
 from litellm.integrations.custom_logger import CustomLogger
+from litellm.proxy._types import ProxyException
 
 from ..config import Config, load_config
 from ..errors import RequestRejected
 from ..hookspecs import CallContext
 from ..plugins import make_manager
 from ..redaction import redact
+from .api_errors import KIND_PREFIX
 from .litellm_config import AUTOCOMPLETE_DEPLOYMENT, DYNAMIC_DEPLOYMENT
 
 log = logging.getLogger("mlxgate.proxy")
@@ -60,7 +61,7 @@ class MlxgateBridge(CustomLogger):
             await asyncio.to_thread(self.run_hooks, ctx)
         except RequestRejected as exc:
             log.warning("%s %r rejected: %s %s", route, ctx.requested_model, exc.status, exc)
-            raise HTTPException(status_code=exc.status, detail={"error": str(exc), "mlxgate_kind": exc.kind})
+            raise ProxyException(message=str(exc), type=KIND_PREFIX + exc.kind, param=None, code=exc.status)
         if self.config.detailed_debug:
             shown = {k: v for k, v in data.items() if k not in ("proxy_server_request", "secret_fields")}
             log.warning("%s %r -> %s: %s", route, ctx.requested_model, ctx.target,

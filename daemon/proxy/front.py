@@ -14,7 +14,7 @@ from __future__ import annotations
 import hmac
 import json
 
-from .api_errors import KINDS, error_body, is_anthropic_path
+from .api_errors import KIND_PREFIX, KINDS, error_body, is_anthropic_path
 
 OPEN_PATHS = ("/health/liveliness", "/health/liveness", "/health/readiness")
 STATUS_KINDS = {400: "invalid_request", 401: "authentication", 403: "permission", 404: "not_found",
@@ -148,36 +148,20 @@ class _ErrorShaper:
 
 
 def _parse_error(raw: bytes, status: int) -> tuple[str, str]:
-    """Our kind and the most specific message found in an upstream error body."""
+    """Our kind and the message of an upstream error body."""
     kind = STATUS_KINDS.get(status, "api_error")
     try:
         data = json.loads(raw)
     except ValueError:
         return kind, raw.decode("utf-8", "replace").strip() or f"HTTP {status}"
-    error = data.get("error", data) if isinstance(data, dict) else data
-    detail = data.get("detail") if isinstance(data, dict) else None
-    for candidate in (error, detail):
-        if isinstance(candidate, dict):
-            if candidate.get("mlxgate_kind") in KINDS:
-                kind = candidate["mlxgate_kind"]
-            message = candidate.get("message") or candidate.get("error")
-            if isinstance(message, dict):
-                message = message.get("error") or message.get("message")
-            if isinstance(message, str):
-                return kind, _unwrap(message)
-        elif isinstance(candidate, str):
-            return kind, _unwrap(candidate)
+    error = data.get("error", data.get("detail")) if isinstance(data, dict) else data
+    if isinstance(error, dict):
+        marked = str(error.get("type", ""))
+        if marked.startswith(KIND_PREFIX) and marked[len(KIND_PREFIX):] in KINDS:
+            kind = marked[len(KIND_PREFIX):]
+        message = error.get("message") or error.get("error")
+        if isinstance(message, str):
+            return kind, message
+    elif isinstance(error, str):
+        return kind, error
     return kind, json.dumps(data)[:500]
-
-
-def _unwrap(message: str) -> str:
-    """LiteLLM sometimes nests our hook's detail as a dict repr inside its message."""
-    start = message.find("{'error': ")
-    if start >= 0:
-        import ast
-        try:
-            inner = ast.literal_eval(message[start:message.rindex("}") + 1])
-            return str(inner.get("error") or message)
-        except (ValueError, SyntaxError):
-            pass
-    return message

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from pathlib import Path
 
 from .errors import MlxgateError
+from .private_files import write_private
 
 CA_CERT, CA_KEY = "ca.pem", "ca-key.pem"
 LEAF_DAYS = 825          # the longest validity macOS accepts for a TLS server certificate
@@ -28,13 +28,6 @@ def leaf_paths(ssl_dir: Path, domain: str | None = None) -> tuple[Path, Path]:
         return ssl_dir / "cert.pem", ssl_dir / "key.pem"
     tag = domain.replace(".", "").replace(":", "")
     return ssl_dir / f"cert_{tag}.pem", ssl_dir / f"key_{tag}.pem"
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.chmod(path, 0o600)
 
 
 def _now() -> dt.datetime:
@@ -82,7 +75,7 @@ def ensure_ca(ssl_dir: Path):
                                          encipher_only=False, decipher_only=False), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .sign(key, hashes.SHA256()))
-    _write_private(key_path, _key_pem(key))
+    write_private(key_path, _key_pem(key))
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return cert, key, True
 
@@ -138,6 +131,6 @@ def ensure_leaf(ssl_dir: Path, domain: str | None = None) -> tuple[Path, Path, b
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
                            critical=False)
             .sign(ca_key, hashes.SHA256()))
-    _write_private(key_path, _key_pem(key))
+    write_private(key_path, _key_pem(key))
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return cert_path, key_path, True

@@ -53,7 +53,7 @@ def run_checks(config: Config, port: int, api: str, prompt: str, max_tokens: int
     import openai
 
     if https:
-        base_url = f"https://{config.ssl_domain or 'localhost'}:{port if port != config.port else config.https_port}"
+        base_url = f"https://localhost:{port}"  # the certificate always covers localhost
         verify = ssl.create_default_context(cafile=str(config.ssl_path / "ca.pem"))
     else:
         base_url, verify = f"http://{config.local_host}:{port}", True

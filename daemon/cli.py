@@ -261,7 +261,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from .checks import run_checks
 
     config = _config(args)
-    port = args.port or config.port
+    port = args.port or (config.https_port if args.https else config.port)
     return 0 if run_checks(config, port, args.api, args.prompt, args.max_tokens, https=args.https) else 1
 
 

@@ -251,9 +251,11 @@ def test_wrapper_down_is_a_503_and_an_expected_stop_keeps_the_group_up(gateway):
 
 
 def test_check_command_passes_against_the_running_gateway(gateway):
-    result = mlxgate("check", "--max-tokens", "4", env=gateway.env, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("  ok   ") == 4 and "FAIL" not in result.stdout
+    for extra in ((), ("--https",)):
+        result = mlxgate("check", "--max-tokens", "4", *extra, env=gateway.env, timeout=300)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.stdout.count("  ok   ") == 4 and "FAIL" not in result.stdout
+    assert f"https://localhost:{gateway.https_port}" in result.stdout
 
 
 def test_logs_show_each_program(gateway):

@@ -23,8 +23,9 @@ from typing import Callable
 import requests
 
 from .. import PROJECT_ROOT
-from ..config import API_KEY_FILE, SETTINGS, Config
+from ..config import API_KEY_FILE, SETTINGS, Config, read_api_key
 from ..errors import MlxgateError
+from ..private_files import write_private
 
 CONF = PROJECT_ROOT / "supervisord.conf"
 PROGRAMS = ("wrapper", "proxy", "proxy_https")
@@ -48,16 +49,12 @@ stdout_logfile_maxbytes=10MB
 
 def ensure_api_key(home: Path) -> str:
     """The key from the environment or the key file; a new random one (mode 600) if neither."""
-    if os.environ.get("MLXGATE_API_KEY"):
-        return os.environ["MLXGATE_API_KEY"]
-    path = home / API_KEY_FILE
-    if path.is_file() and path.read_text().strip():
-        return path.read_text().strip()
+    key = read_api_key(home)
+    if key:
+        return key
     home.mkdir(parents=True, exist_ok=True)
     key = "sk-mlxgate-" + secrets.token_urlsafe(24)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(key + "\n")
+    write_private(home / API_KEY_FILE, (key + "\n").encode())
     return key
 
 

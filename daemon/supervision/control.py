@@ -200,28 +200,27 @@ def start(config: Config, use_sudo: bool = False, say: Callable[[str], None] = p
 
 def wait_healthy(config: Config, supervisor: Supervisor, say: Callable[[str], None], timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    wanted = [e.name for e in endpoints(config)]
-    pending = set(wanted)
-    say("waiting for " + ", ".join(wanted) + " (the LiteLLM proxy takes about 10 s to start)")
+    pending = {e.name: e for e in endpoints(config)}
+    programs = list(pending)
+    say("waiting for " + ", ".join(programs) + " (the LiteLLM proxy takes about 10 s to start)")
     while pending:
         if time.monotonic() > deadline:
             name = sorted(pending)[0]
             raise MlxgateError(f"{name} did not become healthy within {timeout:g} s. Its last log lines:\n"
                                f"{log_tail(config, name)}")
         try:
-            states = supervisor.processes()
+            states = {name: info["statename"] for name, info in supervisor.processes().items()}
         except (OSError, xmlrpc.client.Fault, http.client.HTTPException):
             states = {}
-        for name in wanted:
-            state = states.get(name, {}).get("statename")
+        for name in programs:  # one that was up may die while the others start
+            state = states.get(name)
             if state in ("FATAL", "EXITED", "BACKOFF") or (not states and not supervisor.socket.exists()):
                 raise MlxgateError(f"{name} failed to start ({state or 'supervisord exited'}). "
                                    f"Its last log lines:\n{log_tail(config, name)}")
-        for endpoint in endpoints(config):
-            if endpoint.name in pending and states.get(endpoint.name, {}).get("statename") == "RUNNING" \
-                    and probe(endpoint) is None:
-                pending.discard(endpoint.name)
-                say(f"  {endpoint.name} is up")
+        for name, endpoint in list(pending.items()):
+            if states.get(name) == "RUNNING" and probe(endpoint) is None:
+                del pending[name]
+                say(f"  {name} is up")
         time.sleep(0.25)
     _wait_models(config, say, deadline)
 

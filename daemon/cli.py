@@ -112,12 +112,15 @@ def cmd_download(args: argparse.Namespace) -> int:
 def cmd_demo_model(args: argparse.Namespace) -> int:
     from .demo_model import DemoModelSpec, build_demo_model
 
-    spec = DemoModelSpec(layers=args.layers, hidden=args.hidden, seed=args.seed)
+    spec = DemoModelSpec(layers=args.layers, hidden=args.hidden, seed=args.seed, scripted=args.scripted)
     target = Path(args.dir).expanduser()
     started = time.monotonic()
     build_demo_model(target, spec)
-    print(f"built a tiny random-weight model in {target} ({spec.layers} layers, hidden {spec.hidden}, "
-          f"seed {spec.seed}) in {time.monotonic() - started:.1f} s. It answers nonsense, quickly.\n"
+    kind = ("scripted model (fixed answers, a tool call when tools are offered)" if spec.scripted
+            else "random-weight model")
+    what = "It answers from its script." if spec.scripted else "It answers nonsense, quickly."
+    print(f"built a tiny {kind} in {target} ({spec.layers} layers, hidden {spec.hidden}, "
+          f"seed {spec.seed}) in {time.monotonic() - started:.1f} s. {what}\n"
           f"Serve it: put it under a model directory (model_dirs) and `mlxgate load NAME`, NAME being "
           f"its folder path inside that directory.")
     return 0
@@ -346,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--scripted", action="store_true",
+                   help="deterministic answers: a greeting, a get_weather tool call when tools are offered, "
+                        "an answer after the tool result, thinking when enabled")
     return parser
 
 

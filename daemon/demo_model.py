@@ -1,8 +1,20 @@
-"""Build a tiny random-weight MLX model (Qwen2-style) entirely offline.
+"""Build a tiny MLX model (Qwen2-style) entirely offline.
 
-The model is useless as a language model but real in every other way: `mlx_lm`
-loads it, applies its chat template and generates from it in milliseconds on a
-CPU. The gateway's tests serve it with the real `mlx_lm.server`.
+The random-weight model is useless as a language model but real in every other
+way: `mlx_lm` loads it, applies its chat template and generates from it in
+milliseconds on a CPU. The *scripted* model answers deterministically: its layers
+are silenced (every `o_proj` and `down_proj` is zero) so each position sees only its
+own token, and its embeddings and head make each token of a few fixed chains
+predict the next one. The chat template picks the chain by ending the generation
+prompt with a marker token:
+
+- plain turn: "Hello from mlxgate. How can I help?"
+- tools offered: a real `<tool_call>` for `get_weather` with `{"city": "Paris"}`
+- after a tool result: "It is sunny in Paris."
+- thinking enabled: `<think>Checking the question</think>` then the plain answer
+
+`mlx_lm.server` parses the tool call and the thinking like a real Qwen model's, so
+the scripted model drives an agent loop end to end.
 """
 
 from __future__ import annotations
@@ -37,6 +49,41 @@ CORPUS = [
 ]
 
 
+TOOL_CALL_JSON = '\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+# marker token that ends the generation prompt -> the tokens that follow it
+SCRIPT = {
+    "<|plain|>": ["Hello", " from", " mlxgate", ".", " How", " can", " I", " help", "?"],
+    "<|tools|>": ["<tool_call>", TOOL_CALL_JSON, "</tool_call>"],
+    "<|answer|>": ["It", " is", " sunny", " in", " Paris", "!"],
+    "<|reason|>": ["<think>", "Checking", " the", " question", "</think>", "Hello"],
+}
+PLAIN_ANSWER = "".join(SCRIPT["<|plain|>"])
+TOOL_ANSWER = "".join(SCRIPT["<|answer|>"])
+THINKING = "".join(SCRIPT["<|reason|>"][1:-2])
+
+SCRIPTED_TEMPLATE = (
+    "{#- tool calls are written as <tool_call>{\"name\": tool_call.name, \"arguments\": ...}</tool_call> #}"
+    "{%- if tools %}{{- '<|im_start|>system\\n# Tools\\n' }}"
+    "{%- for tool in tools %}{{- tool | tojson }}{{- '\\n' }}{%- endfor %}"
+    "{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['content'] is string %}{%- set text = message['content'] %}"
+    "{%- elif message['content'] %}{%- set text = message['content'] | map(attribute='text') | join('') %}"
+    "{%- else %}{%- set text = '' %}{%- endif %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + text }}"
+    "{%- for call in message.get('tool_calls') or [] %}"
+    "{{- '<tool_call>\\n' + ({'name': call.function.name, 'arguments': call.function.arguments} | tojson)"
+    " + '\\n</tool_call>' }}{%- endfor %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if messages[-1]['role'] == 'tool' %}{{- '<|answer|>' }}"
+    "{%- elif enable_thinking %}{{- '<|reason|>' }}"
+    "{%- elif tools %}{{- '<|tools|>' }}"
+    "{%- else %}{{- '<|plain|>' }}{%- endif %}{%- endif %}"
+)
+
+
 @dataclass(frozen=True)
 class DemoModelSpec:
     """Shape of the generated model; the defaults load in well under a second."""
@@ -49,10 +96,11 @@ class DemoModelSpec:
     vocab: int = 384
     context: int = 2048
     seed: int = 0
+    scripted: bool = False
 
 
-def _train_tokenizer(vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def _train_tokenizer(vocab_size: int, scripted: bool = False):
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -64,7 +112,46 @@ def _train_tokenizer(vocab_size: int):
         show_progress=False,
     )
     tokenizer.train_from_iterator(CORPUS * 4, trainer)
+    if scripted:
+        tokenizer.add_special_tokens(list(SCRIPT))
+        words = [word for chain in SCRIPT.values() for word in chain]
+        tokenizer.add_tokens([AddedToken(word, normalized=False) for word in dict.fromkeys(words)])
     return tokenizer
+
+
+def _script_weights(weights: dict, tokenizer, hidden: int) -> dict:
+    """Silence the layers and wire each chain token to predict its successor."""
+    import mlx.core as mx
+    import numpy as np
+
+    successor: dict[int, int] = {}
+    for marker, chain in SCRIPT.items():
+        ids = [tokenizer.token_to_id(t) for t in [marker, *chain]]
+        if ids[-1] not in successor:  # a chain may end by joining another one ("Hello")
+            ids.append(tokenizer.token_to_id("<|im_end|>"))
+        for a, b in zip(ids, ids[1:]):
+            if successor.get(a, b) != b:
+                raise ValueError(f"token {tokenizer.id_to_token(a)!r} has two successors in the script")
+            successor[a] = b
+    if len(successor) > hidden:
+        raise ValueError(f"the script needs hidden >= {len(successor)}")
+    rng = np.random.default_rng(0)
+    vocab = tokenizer.get_vocab_size()
+    embed = rng.standard_normal((vocab, hidden)).astype(np.float32)
+    basis, _ = np.linalg.qr(rng.standard_normal((hidden, hidden)))
+    head = np.zeros((vocab, hidden), dtype=np.float32)
+    for row, (source, target) in enumerate(sorted(successor.items())):
+        direction = basis[:, row].astype(np.float32)
+        embed[source] = direction * np.sqrt(hidden)  # RMS 1: the final norm keeps it as is
+        head[target] += direction * 4.0
+    out = {}
+    for name, value in weights.items():
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            value = mx.zeros_like(value)
+        out[name] = value
+    out["model.embed_tokens.weight"] = mx.array(embed)
+    out["lm_head.weight"] = mx.array(head)
+    return out
 
 
 def build_demo_model(target: Path, spec: DemoModelSpec = DemoModelSpec()) -> Path:
@@ -75,7 +162,7 @@ def build_demo_model(target: Path, spec: DemoModelSpec = DemoModelSpec()) -> Pat
 
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
-    tokenizer = _train_tokenizer(spec.vocab)
+    tokenizer = _train_tokenizer(spec.vocab, spec.scripted)
     tokenizer.save(str(target / "tokenizer.json"))
     vocab_size = tokenizer.get_vocab_size()
     im_end = tokenizer.token_to_id("<|im_end|>")
@@ -93,17 +180,19 @@ def build_demo_model(target: Path, spec: DemoModelSpec = DemoModelSpec()) -> Pat
         "vocab_size": vocab_size,
         "max_position_embeddings": spec.context,
         "rope_theta": 10000.0,
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": not spec.scripted,
         "bos_token_id": eot,
         "eos_token_id": im_end,
     }
     (target / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    specials = SPECIAL_TOKENS + (list(SCRIPT) if spec.scripted else [])
+    words = [w for chain in SCRIPT.values() for w in chain] if spec.scripted else []
     added = {
         str(tokenizer.token_to_id(tok)): {
             "content": tok, "lstrip": False, "normalized": False,
-            "rstrip": False, "single_word": False, "special": True,
+            "rstrip": False, "single_word": False, "special": tok in specials,
         }
-        for tok in SPECIAL_TOKENS
+        for tok in dict.fromkeys(specials + words)
     }
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -114,12 +203,14 @@ def build_demo_model(target: Path, spec: DemoModelSpec = DemoModelSpec()) -> Pat
         "unk_token": None,
         "model_max_length": spec.context,
         "clean_up_tokenization_spaces": False,
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": SCRIPTED_TEMPLATE if spec.scripted else CHAT_TEMPLATE,
     }
     (target / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
 
     mx.random.seed(spec.seed)
     model = qwen2.Model(qwen2.ModelArgs.from_dict(config))
     weights = dict(tree_flatten(model.parameters()))
+    if spec.scripted:
+        weights = _script_weights(weights, tokenizer, spec.hidden)
     mx.save_safetensors(str(target / "model.safetensors"), weights, metadata={"format": "mlx"})
     return target

@@ -8,6 +8,9 @@ import requests
 
 from .errors import MlxgateError
 
+# Names the local model a request routed to the relay (/backends/...) must be answered by.
+MODEL_HEADER = "x-mlxgate-model"
+
 
 class WrapperError(MlxgateError):
     """The wrapper answered with an error; `status` and `kind` say which."""

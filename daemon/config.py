@@ -121,6 +121,23 @@ def _aliases(value: Any) -> dict[str, str]:
     return dict(value)
 
 
+def _model_routes(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) and v.strip()
+                                              for k, v in value.items()):
+        raise ValueError("expected a mapping of name patterns to `default`, `autocomplete` or a model name")
+    return {k.strip().lower(): v.strip() for k, v in value.items()}
+
+
+def _size(value: Any) -> int:
+    if isinstance(value, str) and value.strip()[-1:].upper() in ("K", "M", "G"):
+        unit = {"K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}[value.strip()[-1].upper()]
+        return _positive_int(value.strip()[:-1]) * unit
+    try:
+        return _positive_int(value)
+    except ValueError:
+        raise ValueError("expected a size in bytes, or with K, M or G (e.g. 32M)") from None
+
+
 @dataclass(frozen=True)
 class Setting:
     key: str
@@ -153,6 +170,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("aliases", _aliases, {}, None,
             "Extra names for local models, e.g. {coder: mlx-community/Qwen2.5-Coder-3B-8bit}.",
             "{coder: mlx-community/Qwen2.5-Coder-3B-8bit}"),
+    Setting("model_routes", _model_routes, {"*haiku*": "autocomplete"}, None,
+            "Name patterns (shell-style, case-insensitive) mapped to `default`, `autocomplete` or a "
+            "model name; checked after aliases. Small/fast-class names go to the loaded autocomplete "
+            "model so an agent that alternates never forces a swap.",
+            "{'*haiku*': autocomplete, 'claude-*': default}"),
     Setting("autocomplete_alias", _optional_text, "autocomplete", "MLXGATE_AUTOCOMPLETE_ALIAS",
             "The model name clients use to reach the autocomplete server.", "autocomplete"),
     Setting("host", _host, "127.0.0.1", "MLXGATE_HOST",
@@ -178,6 +200,17 @@ SETTINGS: tuple[Setting, ...] = (
             "Cap on the tokens one answer may generate.", "8192"),
     Setting("load_timeout", _seconds, 600, "MLXGATE_LOAD_TIMEOUT",
             "Seconds a model may take to load before the load fails.", "600"),
+    Setting("max_body", _size, "32M", "MLXGATE_MAX_BODY",
+            "Largest request body the proxy accepts; larger ones get 413.", "32M"),
+    Setting("max_queue", _positive_int, 16, "MLXGATE_MAX_QUEUE",
+            "Requests that may wait per model server; more get 529 (Anthropic) or 503 (OpenAI).", "16"),
+    Setting("max_parallel", _positive_int, 1, "MLXGATE_MAX_PARALLEL",
+            "Requests a model server works on at once (more lets mlx_lm batch them).", "1"),
+    Setting("drain_timeout", _seconds, 120, "MLXGATE_DRAIN_TIMEOUT",
+            "Seconds a model switch waits for the current model's requests before ending them.", "120"),
+    Setting("stall_timeout", _seconds, 180, "MLXGATE_STALL_TIMEOUT",
+            "Seconds a model server may go without sending anything while it has work; then it is "
+            "restarted with the same model and its requests get an error.", "180"),
     Setting("server_args", _text_list, [], None,
             "Extra command-line arguments for every mlx_lm.server (e.g. --kv-bits 8).", "[]"),
     Setting("detailed_debug", _boolean, False, "DETAILED_DEBUG",
@@ -199,6 +232,7 @@ class Config:
     autocomplete_port: int
     fixed_model: str | None
     aliases: dict
+    model_routes: dict
     autocomplete_alias: str | None
     host: str
     port: int
@@ -209,6 +243,11 @@ class Config:
     plugin_dirs: tuple[Path, ...]
     max_tokens: int
     load_timeout: float
+    max_body: int
+    max_queue: int
+    max_parallel: int
+    drain_timeout: float
+    stall_timeout: float
     server_args: tuple[str, ...]
     detailed_debug: bool
     home: Path = field(default=DEFAULT_HOME.expanduser())

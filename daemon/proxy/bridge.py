@@ -17,10 +17,12 @@ from litellm.proxy._types import ProxyException
 from ..config import Config, load_config
 from ..errors import RequestRejected
 from ..hookspecs import CallContext
+from ..client import MODEL_HEADER
 from ..plugins import make_manager
 from ..redaction import redact
-from .api_errors import KIND_PREFIX
+from ..api_errors import KIND_PREFIX
 from .litellm_config import AUTOCOMPLETE_DEPLOYMENT, DYNAMIC_DEPLOYMENT
+
 
 log = logging.getLogger("mlxgate.proxy")
 
@@ -50,6 +52,10 @@ class MlxgateBridge(CustomLogger):
             ctx.data["model"] = AUTOCOMPLETE_DEPLOYMENT
         elif target.server == "dynamic" and routed_to_autocomplete:
             ctx.data["model"] = DYNAMIC_DEPLOYMENT
+        # the relay serves the request with this model, even if a switch comes in between
+        headers = ctx.data.get("extra_headers")
+        ctx.data["extra_headers"] = {**(headers if isinstance(headers, dict) else {}),
+                                     MODEL_HEADER: target.model}
 
     async def async_pre_call_hook(self, user_api_key_dict, cache, data, call_type):
         route = ROUTES.get(str(call_type))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hmac
 import json
 
-from .api_errors import KIND_PREFIX, KINDS, error_body, is_anthropic_path
+from ..api_errors import KIND_PREFIX, KINDS, error_body, is_anthropic_path
 
 OPEN_PATHS = ("/health/liveliness", "/health/liveness", "/health/readiness")
 STATUS_KINDS = {400: "invalid_request", 401: "authentication", 403: "permission", 404: "not_found",

@@ -1,10 +1,12 @@
 """Generate the LiteLLM proxy configuration from the gateway config (never edit it by hand).
 
 Routing: `claude-*`, `gpt-*` and any other name go to the dynamic server, the
-autocomplete alias to the autocomplete server, both as OpenAI-compatible backends
-that answer with whatever model the wrapper has loaded (`default_model` is
-mlx_lm.server's name for its loaded model). The pre-call hooks decide which local
-model that is and load it first.
+autocomplete alias to the autocomplete server. Both deployments point at the
+wrapper's relay (`/backends/<server>/v1`), which queues each request for its model
+server, translates Anthropic Messages next to the model's tokenizer (LiteLLM forwards
+`/v1/messages` untranslated: `supported_endpoints`) and stops generation when the
+client goes away. The pre-call hooks decide which local model answers and name it in
+the `x-mlxgate-model` header.
 """
 
 from __future__ import annotations
@@ -21,23 +23,28 @@ BRIDGE = "daemon.proxy.bridge.bridge"
 FILE_NAME = "litellm.yaml"
 
 
-def _backend(port: int, timeout: float) -> dict:
-    return {"model": "openai/default_model", "api_base": f"http://127.0.0.1:{port}/v1",
-            "api_key": "local", "timeout": timeout, "stream_timeout": timeout, "max_retries": 0}
+MODEL_INFO = {"supported_endpoints": ["/v1/chat/completions", "/v1/completions", "/v1/messages"]}
+
+
+def _backend(config: Config, role: str, timeout: float) -> dict:
+    return {"model": "openai/default_model", "api_base": f"{config.wrapper_url}/backends/{role}/v1",
+            "api_key": "os.environ/MLXGATE_API_KEY", "timeout": timeout, "stream_timeout": timeout,
+            "max_retries": 0}
+
+
+def _deployment(name: str, params: dict) -> dict:
+    return {"model_name": name, "litellm_params": params, "model_info": dict(MODEL_INFO)}
 
 
 def render(config: Config) -> dict:
-    timeout = max(config.load_timeout, 600)
-    dynamic = _backend(config.dynamic_port, timeout)
-    autocomplete = _backend(config.autocomplete_port, timeout)
-    model_list = [
-        {"model_name": DYNAMIC_DEPLOYMENT, "litellm_params": dynamic},
-        {"model_name": AUTOCOMPLETE_DEPLOYMENT, "litellm_params": autocomplete},
-    ]
+    timeout = max(config.load_timeout, 600) + config.drain_timeout
+    dynamic = _backend(config, "dynamic", timeout)
+    autocomplete = _backend(config, "autocomplete", timeout)
+    model_list = [_deployment(DYNAMIC_DEPLOYMENT, dynamic), _deployment(AUTOCOMPLETE_DEPLOYMENT, autocomplete)]
     if config.autocomplete_alias:
-        model_list.append({"model_name": config.autocomplete_alias, "litellm_params": autocomplete})
+        model_list.append(_deployment(config.autocomplete_alias, autocomplete))
     for pattern in ("claude-*", "gpt-*", "*"):
-        model_list.append({"model_name": pattern, "litellm_params": dynamic})
+        model_list.append(_deployment(pattern, dynamic))
     return {
         "model_list": model_list,
         "litellm_settings": {

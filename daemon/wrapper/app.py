@@ -15,10 +15,9 @@ from werkzeug.exceptions import HTTPException
 
 from ..errors import ModelLoadFailed, ModelLoadTimeout, UnknownModel, UnsafeModelName
 from .fleet import Fleet
+from .relay import register as register_relay
 
 log = logging.getLogger("mlxgate.wrapper")
-
-MAX_BODY = 64 * 1024
 
 # Most specific first: ModelLoadTimeout is a ModelLoadFailed.
 _ERRORS = (
@@ -37,7 +36,7 @@ def error(status: int, kind: str, message: str):
 
 def create_app(fleet: Fleet, api_key: str | None = None) -> Flask:
     app = Flask("mlxgate.wrapper")
-    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+    app.config["MAX_CONTENT_LENGTH"] = fleet.config.max_body
     app.json.sort_keys = False
 
     @app.before_request
@@ -45,7 +44,8 @@ def create_app(fleet: Fleet, api_key: str | None = None) -> Flask:
         if not api_key or request.path == "/health":
             return None
         header = request.headers.get("Authorization", "")
-        given = header[7:] if header.lower().startswith("bearer ") else ""
+        given = header[7:].strip() if header.lower().startswith("bearer ") else ""
+        given = given or request.headers.get("x-api-key", "")
         if not hmac.compare_digest(given.encode(), api_key.encode()):
             return error(401, "authentication_error",
                          "missing or wrong API key: send `Authorization: Bearer <key>` "
@@ -85,6 +85,8 @@ def create_app(fleet: Fleet, api_key: str | None = None) -> Flask:
     def unload():
         data = body() if request.content_length else {}
         return jsonify(fleet.unload(role_of(data)))
+
+    register_relay(app, fleet)
 
     @app.errorhandler(_BadRequest)
     def bad_request(exc):

@@ -7,6 +7,7 @@ import threading
 
 from ..catalog import Catalog, LocalModel
 from ..config import Config
+from .admission import Admission
 from .model_server import Launcher, ModelServer
 
 log = logging.getLogger("mlxgate.wrapper")
@@ -20,14 +21,16 @@ class Fleet:
     def __init__(self, config: Config, catalog: Catalog | None = None,
                  launcher: Launcher | None = None):
         self.config = config
+        self._stopping = threading.Event()
         self.catalog = catalog or Catalog(
             config.model_dirs, config.hf_cache,
             operator_models=[m for m in (config.default_model, config.autocomplete_model) if m])
         launcher = launcher or Launcher(config.log_dir, config.server_args)
         self.servers = {
-            "dynamic": ModelServer("dynamic", config.dynamic_port, launcher, config.load_timeout),
-            "autocomplete": ModelServer("autocomplete", config.autocomplete_port, launcher,
-                                        config.load_timeout),
+            role: ModelServer(role, port, launcher, config.load_timeout,
+                              admission=Admission(role, config.max_parallel, config.max_queue),
+                              drain_timeout=config.drain_timeout)
+            for role, port in (("dynamic", config.dynamic_port), ("autocomplete", config.autocomplete_port))
         }
 
     def server(self, role: str) -> ModelServer:
@@ -76,7 +79,25 @@ class Fleet:
         except Exception as exc:  # the state shows it; the log says why
             log.error("initial load of %r on the %s server failed: %s", name, role, exc)
 
+    def start_watchdog(self, interval: float = 1.0) -> threading.Thread:
+        """Restart a server that sent nothing for `stall_timeout` s while it had work."""
+        def watch():
+            while not self._stopping.wait(interval):
+                for server in self.servers.values():
+                    stalled = server.admission.stalled(self.config.stall_timeout)
+                    if stalled:
+                        reason = (f"the {server.role} model server sent nothing for "
+                                  f"{self.config.stall_timeout:g} s (stall_timeout); it was restarted")
+                        try:
+                            server.restart(reason)
+                        except Exception as exc:  # the state shows it; keep watching the others
+                            log.error("%s server: restart failed: %s", server.role, exc)
+        thread = threading.Thread(target=watch, name="watchdog", daemon=True)
+        thread.start()
+        return thread
+
     def shutdown(self) -> None:
+        self._stopping.set()
         for server in self.servers.values():
             server.kill_now()
 

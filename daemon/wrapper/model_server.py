@@ -27,6 +27,7 @@ from ..catalog import LocalModel, verify_model_folder
 from ..errors import ModelLoadFailed
 from ..net import port_in_use
 from . import process as processes
+from .admission import Admission
 from .readiness import wait_until_ready
 
 log = logging.getLogger("mlxgate.wrapper")
@@ -78,12 +79,15 @@ class ModelServer:
     """A `mlx_lm.server` on a fixed port that serves one model at a time."""
 
     def __init__(self, role: str, port: int, launcher: Launcher, load_timeout: float,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, admission: Admission | None = None,
+                 drain_timeout: float = 120.0):
         self.role = role
         self.port = port
         self.launcher = launcher
         self.load_timeout = load_timeout
         self.clock = clock
+        self.admission = admission or Admission(role)
+        self.drain_timeout = drain_timeout
         self._status = _Status()
         self._lock = threading.Lock()        # guards _status
         self._turn = threading.Lock()        # one load or stop at a time
@@ -123,6 +127,7 @@ class ModelServer:
                 "loads": s.loads,
                 "load_seconds": s.load_seconds,
                 "since": s.changed,
+                "queue": self.admission.status(),
             }
 
     # ------------------------------------------------------------------ actions
@@ -144,8 +149,11 @@ class ModelServer:
             except (ValueError, OSError) as exc:
                 kept = f"{previous.name!r} is still serving" if previous else None
                 raise ModelLoadFailed(self._failure(model, str(exc), kept)) from None
-            self._stop_process()
+            self._drain(f"the {self.role} server switched from {previous.name!r} to {model.name!r} "
+                        f"after waiting {self.drain_timeout:g} s (drain_timeout) for this request"
+                        if previous else "")
             try:
+                self._stop_process()
                 self._start(model)
             except ModelLoadFailed as exc:
                 note = None
@@ -157,12 +165,35 @@ class ModelServer:
                         log.error("%s server: could not restore %s: %s", self.role, previous.name, again)
                         note = f"{previous.name!r} could not be restored; see {self._log_path()}"
                 raise ModelLoadFailed(self._failure(model, str(exc), note)) from None
+            finally:
+                self.admission.resume()
             return self.status()
 
-    def stop(self) -> dict:
-        """Stop the server process; the server is `stopped` afterwards."""
+    def restart(self, reason: str) -> None:
+        """Kill the process (it may be stopped or hung) and start the same model again.
+        Requests it held end with `reason`; waiting ones are served afterwards."""
+        with self._lock:
+            model, proc = self._status.model, self._status.process
+        log.warning("%s server: restarting %s: %s", self.role, model.name if model else "-", reason)
+        self.admission.cancel_active(reason)
+        if proc is not None:
+            proc.kill()
         with self._turn:
             self._stop_process()
+            if self.state is State.FAILED:
+                self._transition(State.STOPPED)
+            if model is not None and not self._closing:
+                self._start(model)
+
+    def stop(self) -> dict:
+        """Stop the server process (after its requests, up to drain_timeout); it is `stopped` afterwards."""
+        with self._turn:
+            self._drain(f"the {self.role} server was stopped after waiting {self.drain_timeout:g} s "
+                        f"(drain_timeout) for this request")
+            try:
+                self._stop_process()
+            finally:
+                self.admission.resume()
             if self.state is State.FAILED:
                 self._transition(State.STOPPED)
             return self.status()
@@ -175,6 +206,13 @@ class ModelServer:
             proc.stop(grace=2.0)
 
     # ------------------------------------------------------------------ internals
+    def _drain(self, reason: str) -> None:
+        """Let the requests in progress finish (new ones wait); end those left after the timeout."""
+        left = self.admission.drain(self.drain_timeout, reason)
+        if left:
+            log.warning("%s server: %d request(s) still running after %g s; ending them",
+                        self.role, len(left), self.drain_timeout)
+
     def _failure(self, model: LocalModel, reason: str, note: str | None) -> str:
         message = f"model {model.name!r} failed to load on the {self.role} server: {reason}"
         return f"{message}. {note}" if note else message

@@ -44,6 +44,12 @@ class ServerProcess:
         if self.popen.stdin:
             self.popen.stdin.close()
 
+    def kill(self) -> None:
+        """SIGKILL at once: works on a hung or stopped (SIGSTOP) process."""
+        if self.alive():
+            self.popen.kill()
+            self.popen.wait()
+
     def log_tail(self, lines: int = 20) -> list[str]:
         """The last lines this process wrote (not earlier runs in the same log)."""
         try:

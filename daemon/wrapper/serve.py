@@ -28,6 +28,7 @@ class WrapperApplication(BaseApplication):
             "worker_class": "gthread",
             "threads": THREADS,
             "timeout": 60,
+            "keepalive": 75,
             "graceful_timeout": 10,
             "proc_name": "mlxgate-wrapper",
             "loglevel": "info",
@@ -41,6 +42,7 @@ class WrapperApplication(BaseApplication):
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.fleet = Fleet(self.config)
         self.fleet.start_configured()
+        self.fleet.start_watchdog()
         return create_app(self.fleet, self.config.api_key)
 
     def _worker_exit(self, server, worker) -> None:

@@ -1,11 +1,16 @@
 """Built-in plugin: model-name normalization.
 
 Rules, in order: `fixed_model` answers everything; the autocomplete alias goes to the
-autocomplete model; `aliases` from the config; Anthropic-style (`claude-*`) and
-OpenAI-style (`gpt-*`) names go to `default_model`; any other name is a local model
-name (provider prefixes and `mlx-community/` forms are resolved by the wrapper).
+autocomplete model; `aliases` from the config; `model_routes` patterns (default:
+`*haiku*` → the autocomplete model); other Anthropic-style (`claude-*`) and OpenAI-style
+(`gpt-*`) names go to `default_model`; any other name is a local model name (provider
+prefixes and `mlx-community/` forms are resolved by the wrapper). Hosted names are
+matched without their suffixes: `claude-opus-4-8[1m]`, dated ids and `-latest` all work.
 A name that means the autocomplete model is served by the autocomplete server.
 """
+
+import fnmatch
+import re
 
 from daemon import names
 from daemon.errors import RequestRejected, UnsafeModelName
@@ -23,6 +28,15 @@ def _same_model(a: str, b: str) -> bool:
         return False
 
 
+def _route(config, name: str) -> str | None:
+    """The `model_routes` destination of a name, matched without `[...]` suffixes."""
+    key = re.sub(r"\[[^\]]*\]$", "", names.strip_provider(name).lower())
+    for pattern, destination in config.model_routes.items():
+        if fnmatch.fnmatchcase(key, pattern):
+            return destination
+    return None
+
+
 @hookimpl(trylast=True)
 def mlxgate_resolve_model(ctx):
     config = ctx.config
@@ -36,6 +50,13 @@ def mlxgate_resolve_model(ctx):
                                   f"config/gateway.yaml or pass --autocomplete-model.", "not_found")
         return Target(config.autocomplete_model, "autocomplete")
     name = config.aliases.get(requested) or config.aliases.get(names.strip_provider(requested)) or requested
+    routed = _route(config, name)
+    if routed == "autocomplete" and config.autocomplete_model:
+        return Target(config.autocomplete_model, "autocomplete")
+    if routed in ("default", "autocomplete"):
+        name = "claude-default"  # served like any hosted name: by the default model
+    elif routed:
+        name = routed
     if names.strip_provider(name).lower().startswith(HOSTED_PREFIXES):
         if not config.default_model:
             raise RequestRejected(404, f"model {requested!r} would be answered by the default model, "

@@ -7,14 +7,21 @@
 - Any error answer leaves in the API's own shape: Anthropic's
   `{"type": "error", "error": {...}}` on `/v1/messages`, OpenAI's `{"error": {...}}`
   elsewhere.
+- `count_tokens` and `/v1/models` are answered here (`local_routes`).
+- When the client disconnects, the request is cancelled inside the proxy, which
+  closes its connection to the relay, which stops the generation. LiteLLM alone does
+  not do this for `/v1/messages` streams nor for non-streamed requests.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 
 from ..api_errors import KIND_PREFIX, KINDS, error_body, is_anthropic_path
+from ..errors import RequestRejected
+from . import local_routes
 
 OPEN_PATHS = ("/health/liveliness", "/health/liveness", "/health/readiness")
 STATUS_KINDS = {400: "invalid_request", 401: "authentication", 403: "permission", 404: "not_found",
@@ -23,10 +30,11 @@ STATUS_KINDS = {400: "invalid_request", 401: "authentication", 403: "permission"
 
 
 class GatewayFront:
-    def __init__(self, app, api_key: str | None, max_body: int = 32 * 1024 * 1024):
+    def __init__(self, app, api_key: str | None, max_body: int = 32 * 1024 * 1024, config=None):
         self.app = app
         self.api_key = api_key.encode() if api_key else None
         self.max_body = max_body
+        self.config = config
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -67,9 +75,35 @@ class GatewayFront:
                 if "json" not in content_type:  # e.g. curl -d without -H: let LiteLLM read it as JSON
                     scope = dict(scope, headers=[(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
                                  + [(b"content-type", b"application/json")])
-            receive = _replay(body, receive)
+        local = await self._local(scope, path, body, anthropic, send)
+        if local is not False:
+            return local
+        app_receive, gone = _split_receive(body, receive)
+        shaper = _ErrorShaper(send, anthropic)
 
-        return await self.app(scope, receive, _ErrorShaper(send, anthropic))
+        async def app_send(message):
+            await shaper(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                gone.set()  # like the server's own receive: after the answer, only a disconnect
+        return await _until_disconnect(self.app(scope, app_receive, app_send), receive, gone)
+
+    async def _local(self, scope, path: str, body: bytes, anthropic: bool, send):
+        """Answer our own routes; False when the request is for LiteLLM."""
+        if self.config is None:
+            return False
+        method = scope.get("method")
+        try:
+            if method == "POST" and path.rstrip("/") == local_routes.COUNT_TOKENS:
+                status, payload = await local_routes.count_tokens(self.config, json.loads(body))
+                if status >= 400:
+                    kind, text = _parse_error(payload, status)
+                    return await _reply(send, status, True, kind, text)
+                return await _json(send, 200, payload)
+            if method == "GET" and path.rstrip("/") in local_routes.MODELS:
+                return await _json(send, 200, json.dumps(await local_routes.models(self.config)).encode())
+        except RequestRejected as exc:
+            return await _reply(send, exc.status, anthropic, exc.kind, str(exc))
+        return False
 
     def _authorized(self, headers: dict) -> bool:
         given = headers.get("x-api-key") or ""
@@ -93,7 +127,10 @@ def _json_problem(body: bytes) -> str | None:
     return None
 
 
-def _replay(body: bytes, receive):
+def _split_receive(body: bytes, receive):
+    """(the app's receive, an event set on disconnect): the app gets the body we already
+    read, then waits for the disconnect our watcher sees on the real `receive`."""
+    gone = asyncio.Event()
     sent = False
 
     async def replay():
@@ -101,8 +138,38 @@ def _replay(body: bytes, receive):
         if not sent:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-    return replay
+        await gone.wait()
+        return {"type": "http.disconnect"}
+    return replay, gone  # set on disconnect or once the answer is sent
+
+
+async def _until_disconnect(call, receive, gone: asyncio.Event) -> None:
+    """Run the app; cancel it as soon as the client disconnects."""
+    task = asyncio.ensure_future(call)
+
+    async def watch():
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        gone.set()
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            if not watcher.done():
+                raise
+    finally:
+        watcher.cancel()
+
+
+async def _json(send, status: int, payload: bytes) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(payload)).encode())]})
+    await send({"type": "http.response.body", "body": payload})
 
 
 async def _reply(send, status: int, anthropic: bool, kind: str, message: str) -> None:

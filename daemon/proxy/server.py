@@ -30,4 +30,4 @@ def run(config: Config, https: bool = False) -> None:
         from ..certs import leaf_paths
         cert, key = leaf_paths(config.ssl_path, config.ssl_domain)
         options.update(ssl_certfile=str(cert), ssl_keyfile=str(key))
-    uvicorn.run(GatewayFront(app, config.api_key), **options)
+    uvicorn.run(GatewayFront(app, config.api_key, config.max_body, config), **options)

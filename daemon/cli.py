@@ -112,7 +112,8 @@ def cmd_download(args: argparse.Namespace) -> int:
 def cmd_demo_model(args: argparse.Namespace) -> int:
     from .demo_model import DemoModelSpec, build_demo_model
 
-    spec = DemoModelSpec(layers=args.layers, hidden=args.hidden, seed=args.seed, scripted=args.scripted)
+    spec = DemoModelSpec(layers=args.layers, hidden=args.hidden, seed=args.seed, scripted=args.scripted,
+                         context=args.context)
     target = Path(args.dir).expanduser()
     started = time.monotonic()
     build_demo_model(target, spec)
@@ -349,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--context", type=int, default=2048, help="context window it declares (tokens)")
     p.add_argument("--scripted", action="store_true",
                    help="deterministic answers: a greeting, a get_weather tool call when tools are offered, "
                         "an answer after the tool result, thinking when enabled")

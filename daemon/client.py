@@ -10,6 +10,8 @@ from .errors import MlxgateError
 
 # Names the local model a request routed to the relay (/backends/...) must be answered by.
 MODEL_HEADER = "x-mlxgate-model"
+# The client's `thinking` setting, as sent: LiteLLM drops `adaptive` for models it does not know.
+THINKING_HEADER = "x-mlxgate-thinking"
 
 
 class WrapperError(MlxgateError):

@@ -1,9 +1,12 @@
 """Built-in plugin: cap the tokens one answer may generate (`max_tokens`, `MAX_TOKENS`).
 
-A request asking for more than the cap is lowered to it; a request that does not say
-is given the cap (mlx_lm.server's own default would be 512).
+A request asking for more than the cap is lowered to it; an OpenAI request that does
+not say is given the cap (mlx_lm.server's own default would be 512). An Anthropic
+request must say (the Messages API requires `max_tokens`), or it is refused with
+Anthropic's own wording.
 """
 
+from daemon.errors import RequestRejected
 from daemon.hookspecs import hookimpl
 
 LIMIT_KEYS = ("max_tokens", "max_completion_tokens")
@@ -13,6 +16,8 @@ LIMIT_KEYS = ("max_tokens", "max_completion_tokens")
 def mlxgate_pre_call(ctx):
     cap = ctx.config.max_tokens
     present = [key for key in LIMIT_KEYS if ctx.data.get(key) is not None]
+    if not present and ctx.route == "anthropic_messages":
+        raise RequestRejected(400, "max_tokens: Field required", "invalid_request")
     if not present:
         ctx.data["max_tokens"] = cap
     for key in present:

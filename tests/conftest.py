@@ -20,13 +20,15 @@ os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
 
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory) -> Path:
-    """tiny-a (2 layers), org/tiny-b (3 layers), tiny-c (other seed), plus two broken folders."""
+    """tiny-a (2 layers), org/tiny-b (3 layers), tiny-c (other seed), the deterministic `scripted`
+    model, plus two broken folders."""
     models = tmp_path_factory.mktemp("models")
     env = dict(os.environ)
     mlxgate("demo-model", str(models / "tiny-a"), "--seed", "0", env=env, check=True)
     mlxgate("demo-model", str(models / "org" / "tiny-b"), "--seed", "1", "--layers", "3", env=env,
             check=True)
     mlxgate("demo-model", str(models / "tiny-c"), "--seed", "2", env=env, check=True)
+    mlxgate("demo-model", str(models / "scripted"), "--scripted", "--context", "32768", env=env, check=True)
     make_broken_models(models, models / "tiny-a")
     return models
 
@@ -49,6 +51,17 @@ def gateway(models_dir, tmp_path_factory):
     running = Gateway(tmp_path_factory.mktemp("gateway-home"), models_dir, "--default-model", "tiny-a",
                       "--autocomplete-model", "org/tiny-b", "--ssl-domain", "api.anthropic.com",
                       extra_env={"DETAILED_DEBUG": "1"})
+    running.start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def agent_gateway(models_dir, tmp_path_factory):
+    """The daemon an agent meets: default model `scripted` (fixed answers, real tool calls),
+    autocomplete model tiny-a (so `*haiku*` names go there), HTTP only, token cap 4096."""
+    running = Gateway(tmp_path_factory.mktemp("agent-home"), models_dir, "--default-model", "scripted",
+                      "--autocomplete-model", "tiny-a", https=False, max_tokens=4096)
     running.start()
     yield running
     running.stop()

@@ -6,12 +6,15 @@ import json
 import os
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import anthropic
+import openai
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -239,3 +242,17 @@ class Gateway:
 
         return {name: info["pid"] for name, info in Supervisor(self.home).processes().items()
                 if info["pid"]}
+
+
+def claude(gateway, https: bool = False, **options) -> anthropic.Anthropic:
+    """The official Anthropic SDK pointed at a gateway (HTTPS trusts only the local authority)."""
+    if https:
+        context = ssl.create_default_context(cafile=str(gateway.ca))  # verifies, no verify=False
+        options["http_client"] = anthropic.DefaultHttpxClient(verify=context)
+    return anthropic.Anthropic(base_url=gateway.https_url if https else gateway.url, api_key=gateway.api_key,
+                               max_retries=0, **options)
+
+
+def gpt(gateway, **options) -> openai.OpenAI:
+    """The official OpenAI SDK pointed at a gateway."""
+    return openai.OpenAI(base_url=gateway.url + "/v1", api_key=gateway.api_key, max_retries=0, **options)

@@ -12,23 +12,11 @@ import openai
 import pytest
 import requests
 
-from support import ROOT, mlxgate, wait_for
+from support import ROOT, claude, gpt, mlxgate, wait_for
 
 SUPERVISORCTL = [sys.executable, "-m", "supervisor.supervisorctl"]
 
 PROMPT = [{"role": "user", "content": "Write a story"}]
-
-
-def claude(gateway, https: bool = False) -> anthropic.Anthropic:
-    if https:
-        context = ssl.create_default_context(cafile=str(gateway.ca))  # verifies, no verify=False
-        return anthropic.Anthropic(base_url=gateway.https_url, api_key=gateway.api_key, max_retries=0,
-                                   http_client=anthropic.DefaultHttpxClient(verify=context))
-    return anthropic.Anthropic(base_url=gateway.url, api_key=gateway.api_key, max_retries=0)
-
-
-def gpt(gateway) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gateway.url + "/v1", api_key=gateway.api_key, max_retries=0)
 
 
 def test_start_printed_the_urls_and_status_is_healthy(gateway):

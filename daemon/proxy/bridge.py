@@ -17,7 +17,7 @@ from litellm.proxy._types import ProxyException
 from ..config import Config, load_config
 from ..errors import RequestRejected
 from ..hookspecs import CallContext
-from ..client import MODEL_HEADER
+from ..client import MODEL_HEADER, THINKING_HEADER
 from ..plugins import make_manager
 from ..redaction import redact
 from ..api_errors import KIND_PREFIX
@@ -54,8 +54,10 @@ class MlxgateBridge(CustomLogger):
             ctx.data["model"] = DYNAMIC_DEPLOYMENT
         # the relay serves the request with this model, even if a switch comes in between
         headers = ctx.data.get("extra_headers")
-        ctx.data["extra_headers"] = {**(headers if isinstance(headers, dict) else {}),
-                                     MODEL_HEADER: target.model}
+        headers = {**(headers if isinstance(headers, dict) else {}), MODEL_HEADER: target.model}
+        if ctx.route == "anthropic_messages" and isinstance(ctx.data.get("thinking"), dict):
+            headers[THINKING_HEADER] = json.dumps(ctx.data["thinking"])
+        ctx.data["extra_headers"] = headers
 
     async def async_pre_call_hook(self, user_api_key_dict, cache, data, call_type):
         route = ROUTES.get(str(call_type))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import re
 
 from ..api_errors import KIND_PREFIX, KINDS, error_body, is_anthropic_path
 from ..errors import RequestRejected
@@ -27,6 +28,9 @@ OPEN_PATHS = ("/health/liveliness", "/health/liveness", "/health/readiness")
 STATUS_KINDS = {400: "invalid_request", 401: "authentication", 403: "permission", 404: "not_found",
                 413: "request_too_large", 422: "invalid_request", 429: "rate_limit", 503: "unavailable",
                 529: "overloaded"}
+# the status that goes with a kind found inside a wrapped error (LiteLLM may report another)
+KIND_STATUS = {"invalid_request": 400, "not_found": 404, "request_too_large": 413, "unavailable": 503,
+               "authentication": 401}
 
 
 class GatewayFront:
@@ -206,11 +210,16 @@ class _ErrorShaper:
 
     async def _flush(self, raw: bytes) -> None:
         kind, text = _parse_error(raw, self.status)
+        status = KIND_STATUS.get(kind, self.status)
+        if kind == "overloaded":
+            status = 529 if self.anthropic else 503
         payload = error_body(self.anthropic, kind, text)
         headers = [(k, v) for k, v in self.start.get("headers", [])
-                   if k.lower() not in (b"content-length", b"content-type")]
+                   if k.lower() not in (b"content-length", b"content-type", b"retry-after")]
         headers += [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
-        await self.send({"type": "http.response.start", "status": self.status, "headers": headers})
+        if status in (429, 503, 529):
+            headers.append((b"retry-after", b"5"))
+        await self.send({"type": "http.response.start", "status": status, "headers": headers})
         await self.send({"type": "http.response.body", "body": payload})
 
 
@@ -228,7 +237,28 @@ def _parse_error(raw: bytes, status: int) -> tuple[str, str]:
             kind = marked[len(KIND_PREFIX):]
         message = error.get("message") or error.get("error")
         if isinstance(message, str):
-            return kind, message
+            return _unwrap(kind, message)
     elif isinstance(error, str):
-        return kind, error
+        return _unwrap(kind, error)
     return kind, json.dumps(data)[:500]
+
+
+_TYPE_KINDS = {types[0]: kind for kind, types in KINDS.items()}  # Anthropic's names are unique
+_TYPE_KINDS.update({t[1]: k for k, t in KINDS.items() if t[1] not in _TYPE_KINDS and t[2] is None})
+_LITELLM_PREFIX = re.compile(r"^(?:(?:litellm\.)?\w+(?:Error|Exception)(?::| -) *)+")
+
+
+def _unwrap(kind: str, message: str) -> tuple[str, str]:
+    """The relay's own error inside LiteLLM's wrapping ("litellm.BadRequestError: OpenAIException
+    - {...}\n\nLiteLLM: model group ..."), so clients read what the model server side said."""
+    start = message.find("{")
+    if start >= 0:
+        try:
+            inner, _ = json.JSONDecoder().raw_decode(message[start:])
+        except ValueError:
+            inner = None
+        error = inner.get("error") if isinstance(inner, dict) else None
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return _TYPE_KINDS.get(error.get("type"), kind), error["message"]
+    message = _LITELLM_PREFIX.sub("", message)
+    return kind, message.split("\nmodel=")[0].split("\n\nLiteLLM:")[0].strip()

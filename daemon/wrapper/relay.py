@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 from flask import Flask, Response, request, stream_with_context
 
 from ..api_errors import error_body
-from ..client import MODEL_HEADER
+from ..client import MODEL_HEADER, THINKING_HEADER
 from ..errors import MlxgateError, ModelLoadFailed, RequestRejected, UnknownModel, UnsafeModelName
 from ..messages.chat import assemble_chat
 from ..messages.events import MessageTranslator, assemble, sse
@@ -195,6 +195,9 @@ class Relay:
         server = self.fleet.server(role)
         try:
             body = _json_body()
+            thinking = request.headers.get(THINKING_HEADER)
+            if thinking:
+                body["thinking"] = json.loads(thinking)
             chat = to_chat(body)
             status = self._model_for(server)
             input_tokens = self._check_context(status["path"], chat.body, anthropic=True)

@@ -2,7 +2,8 @@
 
 The random-weight model is useless as a language model but real in every other
 way: `mlx_lm` loads it, applies its chat template and generates from it in
-milliseconds on a CPU. The *scripted* model answers deterministically: its layers
+milliseconds on a CPU; its head gives end tokens a zero logit, so with greedy decoding
+an answer runs to `max_tokens`. The *scripted* model answers deterministically: its layers
 are silenced (every `o_proj` and `down_proj` is zero) so each position sees only its
 own token, and its embeddings and head make each token of a few fixed chains
 predict the next one. The chat template picks the chain by ending the generation
@@ -180,7 +181,7 @@ def build_demo_model(target: Path, spec: DemoModelSpec = DemoModelSpec()) -> Pat
         "vocab_size": vocab_size,
         "max_position_embeddings": spec.context,
         "rope_theta": 10000.0,
-        "tie_word_embeddings": not spec.scripted,
+        "tie_word_embeddings": False,
         "bos_token_id": eot,
         "eos_token_id": im_end,
     }
@@ -212,5 +213,10 @@ def build_demo_model(target: Path, spec: DemoModelSpec = DemoModelSpec()) -> Pat
     weights = dict(tree_flatten(model.parameters()))
     if spec.scripted:
         weights = _script_weights(weights, tokenizer, spec.hidden)
+    else:  # the head never favours an end token: answers run to max_tokens, as long as asked
+        head = mx.array(weights["model.embed_tokens.weight"])
+        ends = mx.array([im_end, eot])
+        head[ends] = 0
+        weights["lm_head.weight"] = head
     mx.save_safetensors(str(target / "model.safetensors"), weights, metadata={"format": "mlx"})
     return target

@@ -12,6 +12,16 @@ from daemon.hookspecs import hookimpl
 LIMIT_KEYS = ("max_tokens", "max_completion_tokens")
 
 
+def _problem(value) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        return "a valid integer"
+    if value < 1:
+        return "greater than or equal to 1"
+    if value >= 2 ** 31:
+        return f"less than {2 ** 31}"
+    return None
+
+
 @hookimpl(trylast=True)
 def mlxgate_pre_call(ctx):
     cap = ctx.config.max_tokens
@@ -22,5 +32,9 @@ def mlxgate_pre_call(ctx):
         ctx.data["max_tokens"] = cap
     for key in present:
         value = ctx.data[key]
+        problem = _problem(value)
+        if problem:
+            raise RequestRejected(400, f"{key}: Input should be {problem}, got {str(value)[:40]}",
+                                  "invalid_request")
         if isinstance(value, int) and not isinstance(value, bool) and value > cap:
             ctx.data[key] = cap

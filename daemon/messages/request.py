@@ -165,6 +165,11 @@ def to_chat(body: dict) -> ChatRequest:
         raise invalid(f"max_tokens: Input should be a valid integer, got {json.dumps(max_tokens)[:40]}")
     if max_tokens < 1:
         raise invalid(f"max_tokens: Input should be greater than or equal to 1, got {max_tokens}")
+    if max_tokens >= 2 ** 31:
+        raise invalid(f"max_tokens: Input should be less than {2 ** 31}, got {max_tokens}")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise invalid(f"model: Input should be a string, got {json.dumps(model)[:40]}")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise invalid("messages: Field required (a non-empty list of messages)")

@@ -17,6 +17,7 @@ from litellm.proxy._types import ProxyException
 from ..config import Config, load_config
 from ..errors import RequestRejected
 from ..hookspecs import CallContext
+from ..messages.openai_request import check_chat, check_completion
 from ..client import MODEL_HEADER, THINKING_HEADER
 from ..plugins import make_manager
 from ..redaction import redact
@@ -33,6 +34,9 @@ ROUTES = {
     "atext_completion": "completions",
     "text_completion": "completions",
 }
+CHECKS = {"chat_completions": check_chat, "completions": check_completion}
+
+
 class MlxgateBridge(CustomLogger):
     def __init__(self, config: Config | None = None):
         super().__init__()
@@ -40,6 +44,8 @@ class MlxgateBridge(CustomLogger):
         self.pm = make_manager(self.config.plugin_dirs, trace=self.config.detailed_debug)
 
     def run_hooks(self, ctx: CallContext) -> None:
+        if ctx.route in CHECKS:  # before LiteLLM's own checks, which answer some bad input with a 500
+            CHECKS[ctx.route](ctx.data)
         target = self.pm.hook.mlxgate_resolve_model(ctx=ctx)
         if target is None:
             raise RequestRejected(404, f"no plugin knows model {ctx.requested_model!r}", "not_found")

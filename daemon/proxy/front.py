@@ -126,6 +126,8 @@ def _json_problem(body: bytes) -> str | None:
         return "the request body is not valid UTF-8"
     except ValueError as exc:
         return f"the request body is not valid JSON: {exc}"
+    except RecursionError:
+        return "the request body is nested too deeply"
     if not isinstance(data, dict):
         return f"the request body must be a JSON object, got {type(data).__name__}"
     return None

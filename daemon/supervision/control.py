@@ -307,10 +307,21 @@ def status(config: Config) -> tuple[bool, list[tuple[str, str, str]]]:
             healthy &= not bad
             detail = f"port {server['port']}" + (f", {server['model']}" if server["model"] else "")
             rows.append((f"{role} server", server["state"].upper(), detail + (f" - {server['error']}" if bad else "")))
+            rows.append((f"{role} queue", *_queue_row(server.get("queue") or {})))
     except MlxgateError as exc:
         healthy = False
         rows.append(("model servers", "UNKNOWN", str(exc)))
     return healthy, rows
+
+
+def _queue_row(queue: dict) -> tuple[str, str]:
+    """(state, detail) of a model server's queue: depth and the requests in flight."""
+    active = queue.get("active") or []
+    flight = "; ".join(f"#{a['id']} {a['route']} {a['model']} running {a['running_s']:.1f} s"
+                       for a in active) or "idle"
+    detail = (f"{queue.get('queued', 0)} waiting (max {queue.get('max_queue', '?')}), in flight: {flight}; "
+              f"served {queue.get('served', 0)}, refused {queue.get('refused', 0)}")
+    return ("BUSY" if active else "IDLE"), detail
 
 
 def save_start_options(config: Config, options: dict) -> None:

@@ -53,7 +53,10 @@ def create_app(fleet: Fleet, api_key: str | None = None) -> Flask:
         return None
 
     def body() -> dict:
-        data = request.get_json(silent=True)
+        try:
+            data = request.get_json(silent=True)
+        except RecursionError:
+            data = None
         if not isinstance(data, dict):
             raise _BadRequest("the request body must be a JSON object, e.g. {\"model\": \"tiny-a\"}")
         return data

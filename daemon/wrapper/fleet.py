@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import threading
+import time
 
 from ..catalog import Catalog, LocalModel
 from ..config import Config
@@ -80,18 +82,35 @@ class Fleet:
             log.error("initial load of %r on the %s server failed: %s", name, role, exc)
 
     def start_watchdog(self, interval: float = 1.0) -> threading.Thread:
-        """Restart a server that sent nothing for `stall_timeout` s while it had work."""
+        """Restart a model server that is stuck: it has work, sent nothing for `stall_timeout`
+        seconds, and used no CPU in that time either (a model writing a long tool call sends
+        nothing but keeps computing; a hung or SIGSTOPped one does neither)."""
+        cpu_seen: dict[str, tuple[float | None, float]] = {}
+
+        def stuck(server) -> bool:
+            now = time.monotonic()
+            proc = server.process
+            cpu = proc.cpu_seconds() if proc is not None else None
+            last_cpu, since = cpu_seen.get(server.role, (None, now))
+            if cpu is None or cpu != last_cpu:
+                cpu_seen[server.role] = (cpu, now)
+                since = now
+            quiet_cpu = cpu is not None and now - since > self.config.stall_timeout
+            return bool(server.admission.stalled(self.config.stall_timeout)) and quiet_cpu
+
         def watch():
             while not self._stopping.wait(interval):
                 for server in self.servers.values():
-                    stalled = server.admission.stalled(self.config.stall_timeout)
-                    if stalled:
-                        reason = (f"the {server.role} model server sent nothing for "
-                                  f"{self.config.stall_timeout:g} s (stall_timeout); it was restarted")
-                        try:
-                            server.restart(reason)
-                        except Exception as exc:  # the state shows it; keep watching the others
-                            log.error("%s server: restart failed: %s", server.role, exc)
+                    if not stuck(server):
+                        continue
+                    faulthandler.dump_traceback(all_threads=True)  # to the log: where we were waiting
+                    reason = (f"the {server.role} model server sent nothing and did no work for "
+                              f"{self.config.stall_timeout:g} s (stall_timeout); it was restarted")
+                    try:
+                        server.restart(reason)
+                    except Exception as exc:  # the state shows it; keep watching the others
+                        log.error("%s server: restart failed: %s", server.role, exc)
+                    cpu_seen.pop(server.role, None)
         thread = threading.Thread(target=watch, name="watchdog", daemon=True)
         thread.start()
         return thread

@@ -110,6 +110,11 @@ class ModelServer:
         log.info("%s server: %s -> %s [%s]%s", self.role, current.value, to.value, model, detail)
 
     @property
+    def process(self):
+        """The running process, if any."""
+        return self._status.process
+
+    @property
     def state(self) -> State:
         return self._status.state
 

@@ -11,13 +11,12 @@ The proxy's deployments point here, so every request to a model is
 - admitted by the server's queue (full queue: 529 / 503 at once),
 - cancellable: the relay always reads a *stream* from `mlx_lm.server`, which stops
   generating when its reader goes away, and it goes away as soon as the client does
-  (a failed write for streams, a closed socket seen between chunks otherwise), a stop
-  sequence matches, a switch's drain times out, or the watchdog restarts the server.
+  (its socket is watched together with the model server's), a stop sequence matches,
+  a switch's drain times out, or the watchdog restarts the server.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import select
@@ -32,6 +31,7 @@ from ..client import MODEL_HEADER, THINKING_HEADER
 from ..errors import MlxgateError, ModelLoadFailed, RequestRejected, UnknownModel, UnsafeModelName
 from ..messages.chat import assemble_chat
 from ..messages.events import MessageTranslator, assemble, sse
+from ..messages.openai_request import check_chat, check_common, check_completion
 from ..messages.request import to_chat
 from . import tokens
 from .admission import Overloaded, Ticket
@@ -41,6 +41,8 @@ from .model_server import ModelServer, State
 log = logging.getLogger("mlxgate.relay")
 
 PING_EVERY = 10.0
+SILENCE_TICK = 5.0  # seconds of model-server silence after which the client gets a keep-alive
+SERVER_SIDE_KEYS = ("model", "adapters", "draft_model", "role_mapping")
 
 
 class BackendError(Exception):
@@ -50,6 +52,10 @@ class BackendError(Exception):
 def _reject(exc: Exception) -> RequestRejected:
     if isinstance(exc, RequestRejected):
         return exc
+    if isinstance(exc, BackendRefused) and exc.status == 400:
+        return RequestRejected(400, str(exc), "invalid_request")
+    if isinstance(exc, BackendError):
+        return RequestRejected(502, str(exc), "api_error")
     if isinstance(exc, UnsafeModelName):
         return RequestRejected(400, str(exc), "invalid_request")
     if isinstance(exc, UnknownModel):
@@ -72,50 +78,105 @@ def error_response(exc: Exception, anthropic: bool) -> Response:
                     mimetype="application/json", headers=headers)
 
 
-def _client_gone(environ) -> bool:
-    """True when the client has closed its connection (seen without reading its data)."""
-    sock = environ.get("gunicorn.socket")
-    if sock is None:
-        return False
+def _client_socket(environ):
+    return environ.get("gunicorn.socket") if environ else None
+
+
+def _client_gone(sock) -> bool:
+    """True when the client has closed its connection (seen without reading or waiting)."""
     try:
-        readable, _, _ = select.select([sock], [], [], 0)
-        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
     except (OSError, ValueError):
         return True
 
 
 class Upstream:
-    """One streamed call to a model server, read line by line; `close` ends it from any thread."""
+    """One streamed call to a model server on a plain socket, read line by line.
 
-    def __init__(self, port: int, path: str, body: dict, timeout: float):
-        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    Reading waits on the model server *and* the client at once, so a client that goes away
+    is noticed even while the model server is silent (a long prompt, a tool call being
+    written, tokens that are not yet text). `close` ends the call from any thread.
+    """
+
+    def __init__(self, port: int, path: str, body: dict, client=None):
+        self.client = client
+        self.buffer = b""
+        self.last_data = time.monotonic()
+        payload = json.dumps(body).encode()
         try:
-            self.conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
-            self.response = self.conn.getresponse()
-        except (OSError, http.client.HTTPException) as exc:
-            self.close()
+            self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            self.sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                              f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode() + payload)
+            self.sock.settimeout(None)
+        except OSError as exc:
+            self.sock = None
             raise BackendError(f"the model server on port {port} did not answer: {exc}") from None
-        if self.response.status != 200:
-            text = self.response.read(4096).decode("utf-8", "replace")
-            self.close()
+        self.status = 0
+
+    def _fill(self, ticket: Ticket) -> bool:
+        """Read more from the model server; False at its end of stream."""
+        while True:
+            if ticket.cancel_reason:
+                raise BackendError(ticket.cancel_reason)
+            watched = [self.sock] + ([self.client] if self.client is not None else [])
+            try:
+                readable, _, _ = select.select(watched, [], [], 1.0)
+            except (OSError, ValueError):
+                raise BackendError(ticket.cancel_reason or "the model server connection was closed") from None
+            if self.client is not None and self.client in readable and _client_gone(self.client):
+                raise ClientGone()
+            if not readable and not self.buffer and time.monotonic() - self.last_data > SILENCE_TICK:
+                self.last_data = time.monotonic()
+                self.buffer = b":\n"  # a keep-alive of our own: the caller may ping its client
+                return True
+            if self.sock in readable:
+                try:
+                    data = self.sock.recv(65536)
+                except OSError as exc:
+                    raise BackendError(ticket.cancel_reason or f"the model server connection failed: {exc}") \
+                        from None
+                if not data:
+                    return False
+                ticket.progress()
+                self.last_data = time.monotonic()
+                self.buffer += data
+                return True
+
+    def _line(self, ticket: Ticket) -> bytes | None:
+        while b"\n" not in self.buffer:
+            if not self._fill(ticket):
+                rest, self.buffer = self.buffer, b""
+                return rest or None
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return line
+
+    def open(self, ticket: Ticket) -> None:
+        """Read the status line and headers; raise `BackendError` for an error answer."""
+        status_line = self._line(ticket) or b""
+        parts = status_line.split()
+        self.status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+        while (self._line(ticket) or b"").strip():
+            pass
+        if self.status != 200:
+            while self._fill(ticket) and len(self.buffer) < 8192:
+                pass
+            text = self.buffer.decode("utf-8", "replace").strip()
             try:
                 text = json.loads(text).get("error", text)
             except (ValueError, AttributeError):
                 pass
-            raise BackendError(f"the model server refused the request: {text}")
+            raise BackendRefused(self.status, f"the model server refused the request: {text}")
 
     def events(self, ticket: Ticket) -> Iterator[dict | None]:
         """Chunks as dicts; None for a keep-alive (prompt progress). Ends at [DONE]."""
+        self.open(ticket)
         while True:
-            try:
-                line = self.response.readline()
-            except (OSError, http.client.HTTPException, ValueError, AttributeError) as exc:
-                raise BackendError(ticket.cancel_reason or f"the model server connection failed: {exc}") \
-                    from None
-            if not line:
+            line = self._line(ticket)
+            if line is None:
                 raise BackendError(ticket.cancel_reason or "the model server closed the stream before "
                                    "the answer was complete (it may have crashed or been restarted)")
-            ticket.progress()
             line = line.strip()
             if line.startswith(b":"):
                 yield None
@@ -129,13 +190,24 @@ class Upstream:
                 yield chunk
 
     def close(self) -> None:
-        sock = getattr(self.conn, "sock", None)
-        if sock is not None:
+        if self.sock is not None:
             try:
-                sock.shutdown(socket.SHUT_RDWR)
+                self.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        self.conn.close()
+            self.sock.close()
+
+
+class BackendRefused(BackendError):
+    """The model server answered with an error status before generating."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class ClientGone(BackendError):
+    """The client closed its connection: the generation is stopped, nobody is left to answer."""
 
 
 class Relay:
@@ -154,9 +226,9 @@ class Relay:
                                   f"(state {status['state']}). Load one: `mlxgate load NAME`.", "unavailable")
         return status
 
-    def _turn(self, server: ModelServer, ticket: Ticket, model_path: str,
-              wait_tick: Callable[[], None] | None = None) -> None:
-        """Wait for `ticket`'s turn with the model it was routed to still loaded.
+    def _turn_steps(self, server: ModelServer, ticket: Ticket, model_path: str) -> Iterator[None]:
+        """Wait for `ticket`'s turn with the model it was routed to still loaded, yielding
+        every PING_EVERY seconds of waiting (a stream pings its client then).
 
         A switch may go first while the ticket waits: it then steps out of line, loads its
         model again (which drains the other model's requests) and steps back in at the head.
@@ -165,8 +237,7 @@ class Relay:
             while not server.admission.wait(ticket, PING_EVERY):
                 if ticket.cancel_reason:
                     raise BackendError(ticket.cancel_reason)
-                if wait_tick:
-                    wait_tick()
+                yield None
             if server.status()["path"] == model_path:
                 return
             server.admission.step_out(ticket)
@@ -176,6 +247,10 @@ class Relay:
                 server.admission.step_in(ticket)
         raise RequestRejected(503, f"the {server.role} server kept switching to other models while this "
                               f"request waited; retry", "unavailable")
+
+    def _turn(self, server: ModelServer, ticket: Ticket, model_path: str) -> None:
+        for _ in self._turn_steps(server, ticket, model_path):
+            pass
 
     def _check_context(self, path: str, chat: dict, anthropic: bool) -> int:
         count = tokens.count_chat(path, chat)
@@ -199,6 +274,7 @@ class Relay:
             if thinking:
                 body["thinking"] = json.loads(thinking)
             chat = to_chat(body)
+            check_common({"model": body.get("model")})
             status = self._model_for(server)
             input_tokens = self._check_context(status["path"], chat.body, anthropic=True)
             ticket = server.admission.join("messages", status["model"])
@@ -221,24 +297,22 @@ class Relay:
                         break
             events += translator.finish()
         except (MlxgateError, BackendError) as exc:
-            return error_response(exc if isinstance(exc, MlxgateError) else
-                                  RequestRejected(502, str(exc), "api_error"), anthropic=True)
+            return error_response(exc, anthropic=True)
         finally:
             server.admission.release(ticket)
         message = assemble(events)
         return Response(json.dumps(message), mimetype="application/json")
 
     def _message_stream(self, server, ticket, path, chat, translator) -> Iterator[bytes]:
-        pending: list[bytes] = []
         try:
             for name, data in translator.start():
                 yield sse(name, data)
-            self._turn(server, ticket, path, wait_tick=lambda: pending.append(sse("ping", {"type": "ping"})))
-            yield b"".join(pending)
+            for _ in self._turn_steps(server, ticket, path):
+                yield sse("ping", {"type": "ping"})
             last_ping = time.monotonic()
-            for chunk in self._generate(server, ticket, chat, None):
+            for chunk in self._generate(server, ticket, chat, request.environ):
                 if chunk is None:
-                    if time.monotonic() - last_ping > 2:  # prompt progress keeps the client waiting
+                    if time.monotonic() - last_ping > 2:  # a long prompt or a silent model: keep it waiting
                         last_ping = time.monotonic()
                         yield sse("ping", {"type": "ping"})
                     continue
@@ -249,7 +323,7 @@ class Relay:
                     break
             yield b"".join(sse(n, d) for n, d in translator.finish())
         except (MlxgateError, BackendError) as exc:
-            rejected = _reject(exc) if isinstance(exc, MlxgateError) else RequestRejected(502, str(exc), "api_error")
+            rejected = _reject(exc)
             log.warning("%s stream ended with an error: %s", server.role, rejected)
             yield sse("error", json.loads(error_body(True, rejected.kind, str(rejected))))
         finally:
@@ -275,9 +349,13 @@ class Relay:
         chat = kind == "chat"
         try:
             body = _json_body()
+            (check_chat if chat else check_completion)(body)
             wants_stream = bool(body.get("stream"))
             wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            upstream = dict(body, stream=True, stream_options={"include_usage": True})
+            # mlx_lm.server loads whatever a request names (and unloads the current model first when
+            # that fails): the model server serves its loaded model and nothing else.
+            upstream = {k: v for k, v in body.items() if k not in SERVER_SIDE_KEYS}
+            upstream.update(stream=True, stream_options={"include_usage": True})
             status = self._model_for(server)
             if chat:
                 self._check_context(status["path"], upstream, anthropic=False)
@@ -295,8 +373,7 @@ class Relay:
             self._turn(server, ticket, status["path"])
             chunks = [c for c in self._generate(server, ticket, upstream, environ, path) if c is not None]
         except (MlxgateError, BackendError) as exc:
-            return error_response(exc if isinstance(exc, MlxgateError) else
-                                  RequestRejected(502, str(exc), "api_error"), anthropic=False)
+            return error_response(exc, anthropic=False)
         finally:
             server.admission.release(ticket)
         return Response(json.dumps(assemble_chat(chunks, chat)), mimetype="application/json")
@@ -304,14 +381,14 @@ class Relay:
     def _openai_stream(self, server, ticket, model_path, path, body, wants_usage) -> Iterator[bytes]:
         try:
             self._turn(server, ticket, model_path)
-            for chunk in self._generate(server, ticket, body, None, path):
+            for chunk in self._generate(server, ticket, body, request.environ, path):
                 if chunk is None:
                     yield b": keepalive\n\n"
                 elif chunk.get("choices") or wants_usage:
                     yield f"data: {json.dumps(chunk)}\n\n".encode()
             yield b"data: [DONE]\n\n"
         except (MlxgateError, BackendError) as exc:
-            rejected = _reject(exc) if isinstance(exc, MlxgateError) else RequestRejected(502, str(exc), "api_error")
+            rejected = _reject(exc)
             log.warning("%s stream ended with an error: %s", server.role, rejected)
             yield f"data: {error_body(False, rejected.kind, str(rejected)).decode()}\n\n".encode()
         finally:
@@ -319,15 +396,14 @@ class Relay:
 
     def _generate(self, server: ModelServer, ticket: Ticket, body: dict, environ,
                   path: str = "/v1/chat/completions") -> Iterator[dict | None]:
-        """Stream from the model server; stop it when the client is gone (`environ` given)."""
-        upstream = Upstream(server.port, path, body, timeout=self.config.stall_timeout + 60)
+        """Stream from the model server; stop it as soon as the client is gone."""
+        upstream = Upstream(server.port, path, body, _client_socket(environ))
         ticket.on_cancel(upstream.close)
         try:
-            for chunk in upstream.events(ticket):
-                if environ is not None and _client_gone(environ):
-                    log.info("%s: client went away; stopping its generation", server.role)
-                    raise BackendError("the client closed the connection")
-                yield chunk
+            yield from upstream.events(ticket)
+        except ClientGone:
+            log.info("%s: the client went away; its generation is stopped", server.role)
+            raise
         finally:
             ticket.on_cancel(None)
             upstream.close()
@@ -341,6 +417,8 @@ def _json_body() -> dict:
         raise RequestRejected(400, "the request body is not valid UTF-8", "invalid_request") from None
     except ValueError as exc:
         raise RequestRejected(400, f"the request body is not valid JSON: {exc}", "invalid_request") from None
+    except RecursionError:
+        raise RequestRejected(400, "the request body is nested too deeply", "invalid_request") from None
     if not isinstance(data, dict):
         raise RequestRejected(400, "the request body must be a JSON object", "invalid_request")
     return data

@@ -1,0 +1,375 @@
+"""mlxgate never wedges: abandoned requests stop their generation, a full queue says so at once,
+a switch waits for running answers, a stopped backend is replaced, hostile input gets a 4xx.
+
+One daemon for the module, with a high token cap, a small queue and short timeouts. Its default
+model tiny-c (a 128K window) answers random tokens until max_tokens, so a long answer is easy to ask
+for; tiny-a is the model switched to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import ssl
+import threading
+import time
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+from support import Gateway, claude, gpt, mlxgate, pid_alive, wait_for
+
+LONG = 30000  # tokens: a minute or more of generation for the tiny model
+PROMPT = [{"role": "user", "content": "Write a long story"}]
+MAX_QUEUE = 8
+
+
+@pytest.fixture(scope="module")
+def gw(models_dir, tmp_path_factory):
+    running = Gateway(tmp_path_factory.mktemp("reliable-home"), models_dir, "--default-model", "tiny-c",
+                      max_tokens=100000,
+                      extra_env={"MLXGATE_MAX_QUEUE": str(MAX_QUEUE), "MLXGATE_STALL_TIMEOUT": "4",
+                                 "MLXGATE_DRAIN_TIMEOUT": "4", "MLXGATE_MAX_BODY": "1M"})
+    running.start()
+    yield running
+    running.stop()
+
+
+def dynamic(gw) -> dict:
+    return gw.wrapper_call("GET", "/models").json()["servers"]["dynamic"]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def busy(pid: int, window: float = 1.0) -> float:
+    """Share of one core the process used over `window` seconds."""
+    before = cpu_seconds(pid)
+    time.sleep(window)
+    return (cpu_seconds(pid) - before) / window
+
+
+def assert_goes_idle(gw, within: float = 10.0) -> None:
+    pid = dynamic(gw)["pid"]
+
+    wait_for(lambda: busy(pid, 0.5) < 0.15, within, interval=0, what="the dynamic server to go idle")
+    wait_for(lambda: not dynamic(gw)["queue"]["active"], 5, what="the request slot to be freed")
+
+
+def assert_next_request_is_answered(gw) -> None:
+    message = claude(gw, timeout=30).messages.create(model="claude-opus-4-8", max_tokens=3, messages=PROMPT)
+    assert message.usage.output_tokens == 3
+
+
+def open_anthropic_stream(gw, https: bool = False, max_tokens: int = LONG):
+    """A streamed request read up to its first text delta; returns (client, response)."""
+    verify = ssl.create_default_context(cafile=str(gw.ca)) if https else True
+    client = httpx.Client(verify=verify, timeout=60)
+    request = client.build_request("POST", (gw.https_url if https else gw.url) + "/v1/messages",
+                                   headers={"x-api-key": gw.api_key},
+                                   json={"model": "claude-opus-4-8", "max_tokens": max_tokens, "stream": True,
+                                         "messages": PROMPT})
+    response = client.send(request, stream=True)
+    assert response.status_code == 200
+    return client, response
+
+
+def read_until(response, marker: str) -> str:
+    """What the stream says up to the first line holding `marker` (the rest stays unread)."""
+    if not hasattr(response, "lines"):
+        response.lines = response.iter_lines()
+    seen = ""
+    for line in response.lines:
+        seen += line + "\n"
+        if marker in line:
+            return seen
+    return seen
+
+
+def read_error(response) -> str:
+    """The stream up to and including its `error` event."""
+    return read_until(response, "event: error") + read_until(response, "data:")
+
+
+# ---------------------------------------------------------------- cancellation
+@pytest.mark.parametrize("api, https", [("anthropic", False), ("anthropic", True), ("openai", False),
+                                        ("openai", True)])
+def test_an_abandoned_stream_stops_its_generation(gw, api, https):
+    if api == "anthropic":
+        client, response = open_anthropic_stream(gw, https)
+        read_until(response, "text_delta")
+    else:
+        verify = ssl.create_default_context(cafile=str(gw.ca)) if https else True
+        client = httpx.Client(verify=verify, timeout=60)
+        response = client.send(client.build_request(
+            "POST", (gw.https_url if https else gw.url) + "/v1/chat/completions",
+            headers={"Authorization": f"Bearer {gw.api_key}"},
+            json={"model": "gpt-4o", "max_tokens": LONG, "stream": True, "messages": PROMPT}), stream=True)
+        read_until(response, "content")
+    pid = dynamic(gw)["pid"]
+    assert busy(pid, 0.5) > 0.3, "the model server should be generating"
+    response.close()
+    client.close()
+    assert_goes_idle(gw)
+    assert_next_request_is_answered(gw)
+
+
+@pytest.mark.parametrize("api", ["anthropic", "openai"])
+def test_a_request_abandoned_by_client_timeout_stops_its_generation(gw, api):
+    with pytest.raises((anthropic.APITimeoutError, openai.APITimeoutError)):
+        if api == "anthropic":
+            claude(gw, timeout=2).messages.create(model="claude-opus-4-8", max_tokens=LONG, messages=PROMPT)
+        else:
+            gpt(gw, timeout=2).chat.completions.create(model="gpt-4o", max_tokens=LONG, messages=PROMPT)
+    assert_goes_idle(gw)
+    assert_next_request_is_answered(gw)
+
+
+# ---------------------------------------------------------------- concurrency and queueing
+def test_eight_concurrent_clients_are_all_answered(gw):
+    results: list = []
+
+    def ask(i: int):
+        try:
+            if i % 2:
+                answer = gpt(gw, timeout=120).chat.completions.create(model="gpt-4o", max_tokens=20 + i,
+                                                                        messages=PROMPT)
+                results.append((i, answer.usage.completion_tokens))
+            else:
+                message = claude(gw, timeout=120).messages.create(model="claude-opus-4-8", max_tokens=20 + i,
+                                                                  messages=PROMPT)
+                results.append((i, message.usage.output_tokens))
+        except Exception as exc:  # the assertion below shows it
+            results.append((i, repr(exc)))
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(180)
+    assert sorted(results) == [(i, 20 + i) for i in range(8)]
+
+
+def test_a_full_queue_answers_529_and_503_at_once_and_status_shows_it(gw):
+    streams = [open_anthropic_stream(gw) for _ in range(1 + MAX_QUEUE)]  # one running, the rest waiting
+    try:
+        wait_for(lambda: dynamic(gw)["queue"]["queued"] == MAX_QUEUE, 30, what="the queue to fill")
+        started = time.monotonic()
+        with pytest.raises(anthropic.APIStatusError) as caught:
+            claude(gw).messages.create(model="claude-opus-4-8", max_tokens=3, messages=PROMPT)
+        assert caught.value.status_code == 529
+        assert caught.value.body["error"]["type"] == "overloaded_error"
+        response = httpx.post(gw.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {gw.api_key}"},
+                              json={"model": "gpt-4o", "max_tokens": 3, "messages": PROMPT}, timeout=30)
+        assert response.status_code == 503 and response.headers["retry-after"]
+        assert time.monotonic() - started < 10
+        status = mlxgate("status", env=gw.env, timeout=60).stdout
+        assert f"{MAX_QUEUE} waiting (max {MAX_QUEUE})" in status and "in flight: #" in status
+    finally:
+        for client, response in streams:
+            response.close()
+            client.close()
+    assert_goes_idle(gw, within=20)
+    assert_next_request_is_answered(gw)
+
+
+def test_a_switch_waits_for_the_running_answer(gw):
+    client, response = open_anthropic_stream(gw, max_tokens=400)
+    read_until(response, "text_delta")
+    switched = {}
+
+    def switch():
+        switched["answer"] = gpt(gw, timeout=120).chat.completions.create(model="tiny-a", max_tokens=2,
+                                                                          messages=PROMPT)
+        switched["at"] = time.monotonic()
+    thread = threading.Thread(target=switch)
+    thread.start()
+    rest = read_until(response, "message_stop")
+    finished = time.monotonic()
+    client.close()
+    thread.join(120)
+    assert '"stop_reason":"max_tokens"' in rest and "event: error" not in rest
+    assert switched["answer"].usage.completion_tokens == 2 and switched["at"] >= finished
+    assert dynamic(gw)["model"] == "tiny-a"
+
+
+def test_a_switch_ends_an_answer_that_runs_past_the_drain_timeout(gw):
+    client, response = open_anthropic_stream(gw)
+    read_until(response, "text_delta")
+    thread = threading.Thread(target=lambda: gpt(gw, timeout=120).chat.completions.create(
+        model="tiny-a", max_tokens=2, messages=PROMPT))
+    thread.start()
+    rest = read_error(response)
+    client.close()
+    thread.join(120)
+    assert "drain_timeout" in rest and "overloaded_error" not in rest
+    assert dynamic(gw)["model"] == "tiny-a"
+    assert_next_request_is_answered(gw)
+
+
+# ---------------------------------------------------------------- watchdog and crashes
+def test_a_stopped_backend_is_replaced_by_the_watchdog(gw):
+    assert_next_request_is_answered(gw)
+    old = dynamic(gw)["pid"]
+    client, response = open_anthropic_stream(gw)
+    read_until(response, "text_delta")
+    os.kill(old, signal.SIGSTOP)
+    try:
+        rest = read_error(response)
+    finally:
+        if pid_alive(old):
+            os.kill(old, signal.SIGCONT)
+        client.close()
+    assert "stall_timeout" in rest
+    wait_for(lambda: dynamic(gw)["state"] == "ready" and dynamic(gw)["pid"] not in (None, old), 60,
+             what="the replacement model server")
+    assert not pid_alive(old)
+    assert_next_request_is_answered(gw)
+
+
+def test_a_backend_that_dies_mid_stream_gives_an_error_event_then_serves_again(gw):
+    old = dynamic(gw)["pid"]
+    client, response = open_anthropic_stream(gw)
+    read_until(response, "text_delta")
+    os.kill(old, signal.SIGKILL)
+    rest = read_error(response)
+    client.close()
+    assert "api_error" in rest and "message_stop" not in rest
+    assert_next_request_is_answered(gw)
+    assert dynamic(gw)["pid"] != old
+
+
+# ---------------------------------------------------------------- hostile input
+def _battery() -> list[tuple[str, bytes, dict]]:
+    """(name, body, extra headers) of malformed requests."""
+    deep = b"[" * 100000 + b"]" * 100000
+    cases = [
+        ("invalid json", b'{"model": "claude-x", ', {}),
+        ("invalid utf-8", b'{"model": "\xff\xfe", "max_tokens": 5, "messages": []}', {}),
+        ("not an object", b'[1, 2, 3]', {}),
+        ("empty", b"", {}),
+        ("deeply nested", deep, {}),
+        ("deeply nested value", b'{"model": "claude-x", "x": ' + deep + b"}", {}),
+        ("messages wrong type", json.dumps({"model": "claude-x", "max_tokens": 5, "messages": "hi"}).encode(), {}),
+        ("max_tokens negative", json.dumps({"model": "claude-x", "max_tokens": -1, "messages": PROMPT}).encode(), {}),
+        ("max_tokens absurd", json.dumps({"model": "claude-x", "max_tokens": 10 ** 30, "messages": PROMPT}).encode(),
+         {}),
+        ("max_tokens string", json.dumps({"model": "claude-x", "max_tokens": "1e9", "messages": PROMPT}).encode(),
+         {}),
+        ("unknown role", json.dumps({"model": "claude-x", "max_tokens": 5,
+                                     "messages": [{"role": "wizard", "content": "hi"}]}).encode(), {}),
+        ("unknown block", json.dumps({"model": "claude-x", "max_tokens": 5,
+                                      "messages": [{"role": "user", "content": [{"type": "x"}]}]}).encode(), {}),
+        ("model escapes", json.dumps({"model": "../../etc/passwd", "max_tokens": 5, "messages": PROMPT}).encode(),
+         {}),
+        ("model absolute", json.dumps({"model": "/etc/passwd", "max_tokens": 5, "messages": PROMPT}).encode(), {}),
+        ("model not a string", json.dumps({"model": 42, "max_tokens": 5, "messages": PROMPT}).encode(), {}),
+        ("over the size limit", b'{"model": "claude-x", "pad": "' + b"x" * (2 * 1024 * 1024) + b'"}', {}),
+        ("temperature string", json.dumps({"model": "claude-x", "max_tokens": 5, "messages": PROMPT,
+                                           "temperature": "hot"}).encode(), {}),
+    ]
+    return cases
+
+
+def _rss_kb(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_a_battery_of_malformed_requests_gets_4xx_everywhere_and_nothing_dies(gw):
+    programs = gw.program_pids()
+    rss_before = {name: _rss_kb(pid) for name, pid in programs.items()}
+    https_client = httpx.Client(verify=ssl.create_default_context(cafile=str(gw.ca)), timeout=20)
+    http_client = httpx.Client(timeout=20)
+    failures = []
+    for _ in range(2):
+        for name, body, headers in _battery():
+            for base, client in ((gw.url, http_client), (gw.https_url, https_client)):
+                for path, key_header in (("/v1/messages", "x-api-key"), ("/v1/chat/completions", "authorization")):
+                    key = gw.api_key if key_header == "x-api-key" else f"Bearer {gw.api_key}"
+                    try:
+                        r = client.post(base + path, content=body,
+                                        headers={key_header: key, "content-type": "application/json", **headers})
+                    except httpx.HTTPError as exc:
+                        failures.append((name, base, path, repr(exc)))
+                        continue
+                    shape_ok = ("type" in r.json() and r.json()["type"] == "error") if path == "/v1/messages" \
+                        else "error" in r.json()
+                    if not (400 <= r.status_code < 500 and shape_ok):
+                        failures.append((name, base, path, r.status_code, r.text[:200]))
+            for path in ("/backends/dynamic/v1/messages", "/backends/dynamic/v1/chat/completions", "/models/load"):
+                try:
+                    r = http_client.post(f"http://127.0.0.1:{gw.wrapper_port}{path}", content=body,
+                                         headers={"authorization": f"Bearer {gw.api_key}"})
+                except httpx.HTTPError as exc:
+                    failures.append((name, "wrapper", path, repr(exc)))
+                    continue
+                if not (400 <= r.status_code < 500 and "error" in r.json()):
+                    failures.append((name, "wrapper", path, r.status_code, r.text[:200]))
+    if failures:  # the assertion message is cut short; the file has them all
+        (gw.home / "battery-failures.json").write_text(json.dumps(failures, indent=1))
+    assert not failures, failures
+    assert gw.program_pids() == programs  # nobody died or restarted
+    for name, pid in programs.items():
+        assert _rss_kb(pid) < rss_before[name] + 100 * 1024, f"{name} grew by more than 100 MB"
+    assert_next_request_is_answered(gw)
+
+
+def test_slow_partial_requests_do_not_block_anyone(gw):
+    sockets = []
+    for port in (gw.port, gw.wrapper_port):
+        for _ in range(40):
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"mod")
+            sockets.append(sock)
+    try:
+        assert gw.wrapper_call("GET", "/health").status_code == 200
+        assert_next_request_is_answered(gw)
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+# ---------------------------------------------------------------- security
+def test_the_wrapper_and_its_relay_need_the_key(gw):
+    base = f"http://127.0.0.1:{gw.wrapper_port}"
+    for method, path in (("GET", "/models"), ("POST", "/models/load"), ("POST", "/backends/dynamic/v1/messages"),
+                         ("POST", "/backends/dynamic/v1/chat/completions")):
+        for headers in ({}, {"authorization": "Bearer wrong"}, {"x-api-key": "wrong"}):
+            r = httpx.request(method, base + path, headers=headers, json={}, timeout=30)
+            assert r.status_code == 401, (path, headers, r.text)
+            assert r.json()["error"]["type"] == "authentication_error"
+
+
+def test_everything_listens_on_loopback_and_secrets_are_private(gw):
+    ports = {gw.port, gw.https_port, gw.wrapper_port, gw.dynamic_port}
+    listening = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in open(table).read().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, port = local.rsplit(":", 1)
+            if state == "0A" and int(port, 16) in ports:  # LISTEN
+                listening.add(int(port, 16))
+                assert address in ("0100007F", "00000000000000000000000001000000"), (port, address)
+    assert ports <= listening
+    for path in [gw.home / "api_key", *(gw.home / "ssl").glob("*key*.pem")]:
+        assert oct(path.stat().st_mode & 0o777) == "0o600", path
+
+
+def test_logs_hold_neither_keys_nor_prompts_without_detailed_debug(gw):
+    marker = "secret-prompt-marker-7f3a"
+    claude(gw).messages.create(model="claude-opus-4-8", max_tokens=2,
+                               messages=[{"role": "user", "content": marker}])
+    gpt(gw).chat.completions.create(model="gpt-4o", max_tokens=2, messages=[{"role": "user", "content": marker}])
+    for log in (gw.home / "logs").glob("*.log"):
+        text = log.read_text(errors="replace")
+        assert gw.api_key not in text, log
+        assert marker not in text, log

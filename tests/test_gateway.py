@@ -177,8 +177,9 @@ MESSAGE = {"max_tokens": 5, "messages": PROMPT}
 def test_unknown_model_is_not_found_in_both_shapes(gateway):
     body = json.dumps({"model": "no-such-model", **MESSAGE}).encode()
     assert "no-such-model" in _anthropic_error(_post(gateway, "/v1/messages", body), 404, "not_found_error")
-    for path in ("/v1/chat/completions", "/v1/completions"):
-        error = _openai_error(_post(gateway, path, body, header="authorization"), 404)
+    completion = json.dumps({"model": "no-such-model", "prompt": "def", "max_tokens": 5}).encode()
+    for path, request in (("/v1/chat/completions", body), ("/v1/completions", completion)):
+        error = _openai_error(_post(gateway, path, request, header="authorization"), 404)
         assert error["code"] == "model_not_found"
         assert error["message"].startswith("model 'no-such-model' not found in "), error["message"]
     with pytest.raises(anthropic.NotFoundError):

@@ -156,11 +156,13 @@ def test_token_cap_lowers_and_sets():
 # ---------------------------------------------------------------- generated config and environment
 def test_generated_litellm_config_routes_names_and_sets_what_mlx_needs(tmp_path):
     config = load_config(tmp_path / "none.yaml", env={"MLXGATE_HOME": str(tmp_path)},
-                         overrides={"dynamic_port": 12402, "autocomplete_port": 12403})
+                         overrides={"wrapper_url": "http://127.0.0.1:12401"})
     data = yaml.safe_load(litellm_config.write(config).read_text())
     routes = {m["model_name"]: m["litellm_params"]["api_base"] for m in data["model_list"]}
-    assert routes["claude-*"] == routes["gpt-*"] == routes["*"] == "http://127.0.0.1:12402/v1"
-    assert routes["autocomplete"] == "http://127.0.0.1:12403/v1"
+    relay = "http://127.0.0.1:12401/backends"
+    assert routes["claude-*"] == routes["gpt-*"] == routes["*"] == f"{relay}/dynamic/v1"
+    assert routes["autocomplete"] == f"{relay}/autocomplete/v1"
+    assert all("/v1/messages" in m["model_info"]["supported_endpoints"] for m in data["model_list"])
     assert data["litellm_settings"]["use_chat_completions_url_for_anthropic_messages"] is True
     assert data["litellm_settings"]["callbacks"] == ["daemon.proxy.bridge.bridge"]
     assert data["general_settings"]["master_key"] == "os.environ/MLXGATE_API_KEY"

@@ -19,6 +19,8 @@ from .relay import register as register_relay
 
 log = logging.getLogger("mlxgate.wrapper")
 
+MANAGEMENT_BODY = 64 * 1024  # /models/...; the relay (/backends/...) takes up to max_body
+
 # Most specific first: ModelLoadTimeout is a ModelLoadFailed.
 _ERRORS = (
     (UnsafeModelName, 400, "invalid_model_name"),
@@ -38,6 +40,13 @@ def create_app(fleet: Fleet, api_key: str | None = None) -> Flask:
     app = Flask("mlxgate.wrapper")
     app.config["MAX_CONTENT_LENGTH"] = fleet.config.max_body
     app.json.sort_keys = False
+
+    @app.before_request
+    def small_management_bodies():
+        if not request.path.startswith("/backends/") and (request.content_length or 0) > MANAGEMENT_BODY:
+            return error(413, "request_too_large", f"a management request body is limited to "
+                                                   f"{MANAGEMENT_BODY} bytes")
+        return None
 
     @app.before_request
     def require_key():

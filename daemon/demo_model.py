@@ -11,8 +11,8 @@ prompt with a marker token:
 
 - plain turn: "Hello from mlxgate. How can I help?"
 - tools offered: a real `<tool_call>` for `get_weather` with `{"city": "Paris"}`
-- after a tool result: "It is sunny in Paris."
-- thinking enabled: `<think>Checking the question</think>` then the plain answer
+- after a tool result: "It is sunny in Paris!"
+- thinking enabled (and no tools): `<think>Checking the question</think>` then the plain answer
 
 `mlx_lm.server` parses the tool call and the thinking like a real Qwen model's, so
 the scripted model drives an agent loop end to end.
@@ -79,8 +79,8 @@ SCRIPTED_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
     "{%- if messages[-1]['role'] == 'tool' %}{{- '<|answer|>' }}"
-    "{%- elif enable_thinking %}{{- '<|reason|>' }}"
     "{%- elif tools %}{{- '<|tools|>' }}"
+    "{%- elif enable_thinking %}{{- '<|reason|>' }}"
     "{%- else %}{{- '<|plain|>' }}{%- endif %}{%- endif %}"
 )
 

@@ -153,6 +153,11 @@ def test_what_claude_code_sends_is_accepted(agent_gateway):
     }
     beta = "claude-code-20250219,context-1m-2025-08-07,interleaved-thinking-2025-05-14"
     events = raw_stream(agent_gateway, body, **{"anthropic-beta": beta})
+    assert check_grammar(events) == ["tool_use"]
+    assert events[-2][1]["delta"]["stop_reason"] == "tool_use"
+
+    side_task = dict(body, tools=[])  # adaptive thinking reaches the model (LiteLLM alone drops it)
+    events = raw_stream(agent_gateway, side_task, **{"anthropic-beta": beta})
     assert check_grammar(events) == ["thinking", "text"]
     thinking = "".join(d["delta"].get("thinking", "") for n, d in events if n == "content_block_delta")
     assert thinking == THINKING

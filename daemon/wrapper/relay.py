@@ -41,6 +41,7 @@ from .model_server import ModelServer, State
 log = logging.getLogger("mlxgate.relay")
 
 PING_EVERY = 10.0
+SWITCH_RETRIES = 10
 SILENCE_TICK = 5.0  # seconds of model-server silence after which the client gets a keep-alive
 SERVER_SIDE_KEYS = ("model", "adapters", "draft_model", "role_mapping")
 
@@ -226,18 +227,27 @@ class Relay:
                                   f"(state {status['state']}). Load one: `mlxgate load NAME`.", "unavailable")
         return status
 
-    def _turn_steps(self, server: ModelServer, ticket: Ticket, model_path: str) -> Iterator[None]:
+    def _turn_steps(self, server: ModelServer, ticket: Ticket, model_path: str,
+                    environ=None) -> Iterator[None]:
         """Wait for `ticket`'s turn with the model it was routed to still loaded, yielding
-        every PING_EVERY seconds of waiting (a stream pings its client then).
+        every PING_EVERY seconds of waiting (a stream pings its client then). A client that
+        leaves while waiting gives its place up at once.
 
         A switch may go first while the ticket waits: it then steps out of line, loads its
         model again (which drains the other model's requests) and steps back in at the head.
         """
-        for _ in range(3):
-            while not server.admission.wait(ticket, PING_EVERY):
+        client = _client_socket(environ)
+        for _ in range(SWITCH_RETRIES):
+            waited = 0.0
+            while not server.admission.wait(ticket, 1.0):
                 if ticket.cancel_reason:
                     raise BackendError(ticket.cancel_reason)
-                yield None
+                if client is not None and _client_gone(client):
+                    raise ClientGone()
+                waited += 1.0
+                if waited >= PING_EVERY:
+                    waited = 0.0
+                    yield None
             if server.status()["path"] == model_path:
                 return
             server.admission.step_out(ticket)
@@ -245,11 +255,11 @@ class Relay:
                 self.fleet.load(ticket.model, server.role)
             finally:
                 server.admission.step_in(ticket)
-        raise RequestRejected(503, f"the {server.role} server kept switching to other models while this "
-                              f"request waited; retry", "unavailable")
+        raise RequestRejected(503, f"the {server.role} server switched to other models {SWITCH_RETRIES} times "
+                              f"while this request waited; retry", "unavailable")
 
-    def _turn(self, server: ModelServer, ticket: Ticket, model_path: str) -> None:
-        for _ in self._turn_steps(server, ticket, model_path):
+    def _turn(self, server: ModelServer, ticket: Ticket, model_path: str, environ=None) -> None:
+        for _ in self._turn_steps(server, ticket, model_path, environ):
             pass
 
     def _check_context(self, path: str, chat: dict, anthropic: bool) -> int:
@@ -288,7 +298,7 @@ class Relay:
                 mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
         environ = request.environ
         try:
-            self._turn(server, ticket, status["path"])
+            self._turn(server, ticket, status["path"], environ)
             events = translator.start()
             for chunk in self._generate(server, ticket, chat.body, environ):
                 if chunk is not None:
@@ -307,7 +317,7 @@ class Relay:
         try:
             for name, data in translator.start():
                 yield sse(name, data)
-            for _ in self._turn_steps(server, ticket, path):
+            for _ in self._turn_steps(server, ticket, path, request.environ):
                 yield sse("ping", {"type": "ping"})
             last_ping = time.monotonic()
             for chunk in self._generate(server, ticket, chat, request.environ):
@@ -322,6 +332,8 @@ class Relay:
                 if translator.stopped:
                     break
             yield b"".join(sse(n, d) for n, d in translator.finish())
+        except ClientGone:
+            return  # nobody is left to tell
         except (MlxgateError, BackendError) as exc:
             rejected = _reject(exc)
             log.warning("%s stream ended with an error: %s", server.role, rejected)
@@ -370,7 +382,7 @@ class Relay:
         environ = request.environ
         chunks = []
         try:
-            self._turn(server, ticket, status["path"])
+            self._turn(server, ticket, status["path"], environ)
             chunks = [c for c in self._generate(server, ticket, upstream, environ, path) if c is not None]
         except (MlxgateError, BackendError) as exc:
             return error_response(exc, anthropic=False)
@@ -380,13 +392,15 @@ class Relay:
 
     def _openai_stream(self, server, ticket, model_path, path, body, wants_usage) -> Iterator[bytes]:
         try:
-            self._turn(server, ticket, model_path)
+            self._turn(server, ticket, model_path, request.environ)
             for chunk in self._generate(server, ticket, body, request.environ, path):
                 if chunk is None:
                     yield b": keepalive\n\n"
                 elif chunk.get("choices") or wants_usage:
                     yield f"data: {json.dumps(chunk)}\n\n".encode()
             yield b"data: [DONE]\n\n"
+        except ClientGone:
+            return
         except (MlxgateError, BackendError) as exc:
             rejected = _reject(exc)
             log.warning("%s stream ended with an error: %s", server.role, rejected)

@@ -44,7 +44,7 @@ class Target:
 class CallContext:
     """One request on its way to a model. Hooks read it and may change `data`."""
 
-    route: str                 # "anthropic_messages", "chat_completions", "completions", ...
+    route: str                 # "anthropic_messages", "chat_completions", "completions", "count_tokens"
     requested_model: str       # the model name exactly as the client sent it
     data: dict[str, Any]       # the request body; changes here reach the model
     config: "Config"

@@ -4,21 +4,11 @@ which answers some bad values with a closed socket or a 404, and accepts others
 
 from __future__ import annotations
 
-import json
-
-from ..errors import RequestRejected
 from ..names import check_safe, strip_provider
+from .checks import check_number, invalid, shown
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 MAX_TOKENS_LIMIT = 2 ** 31
-
-
-def invalid(message: str) -> RequestRejected:
-    return RequestRejected(400, message, "invalid_request")
-
-
-def _shown(value) -> str:
-    return json.dumps(value)[:40] if not isinstance(value, (bytes, bytearray)) else "bytes"
 
 
 def check_common(body: dict) -> None:
@@ -26,7 +16,7 @@ def check_common(body: dict) -> None:
     model = body.get("model")
     if model is not None:
         if not isinstance(model, str):
-            raise invalid(f"model: Input should be a string, got {_shown(model)}")
+            raise invalid(f"model: Input should be a string, got {shown(model)}")
         try:
             check_safe(strip_provider(model))
         except Exception as exc:
@@ -36,22 +26,15 @@ def check_common(body: dict) -> None:
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int):
-            raise invalid(f"{key}: Input should be a valid integer, got {_shown(value)}")
+            raise invalid(f"{key}: Input should be a valid integer, got {shown(value)}")
         if not 1 <= value < MAX_TOKENS_LIMIT:
             raise invalid(f"{key}: Input should be between 1 and {MAX_TOKENS_LIMIT - 1}, got {value}")
     for key, low, high in (("temperature", 0, 2), ("top_p", 0, 1), ("top_k", -1, None), ("min_p", 0, 1),
                            ("presence_penalty", -2, 2), ("frequency_penalty", -2, 2),
                            ("repetition_penalty", 0, None)):
-        value = body.get(key)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise invalid(f"{key}: Input should be a valid number, got {_shown(value)}")
-        if value < low or (high is not None and value > high):
-            raise invalid(f"{key}: Input should be between {low} and {high if high is not None else 'any'}, "
-                          f"got {value}")
+        check_number(body, key, low, high)
     if "stream" in body and not isinstance(body["stream"], bool):
-        raise invalid(f"stream: Input should be a valid boolean, got {_shown(body['stream'])}")
+        raise invalid(f"stream: Input should be a valid boolean, got {shown(body['stream'])}")
     stop = body.get("stop")
     if stop is not None and not isinstance(stop, str) and not (
             isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
@@ -68,7 +51,7 @@ def check_chat(body: dict) -> None:
             raise invalid(f"messages.{i}: Input should be an object with `role` and `content`")
         role = message.get("role")
         if role not in CHAT_ROLES:
-            raise invalid(f"messages.{i}.role: Input should be one of {', '.join(CHAT_ROLES)}, got {_shown(role)}")
+            raise invalid(f"messages.{i}.role: Input should be one of {', '.join(CHAT_ROLES)}, got {shown(role)}")
         content = message.get("content")
         if content is None or isinstance(content, str):
             continue
@@ -81,7 +64,7 @@ def check_chat(body: dict) -> None:
                               f"reads text only")
             if kind != "text" or not isinstance(part.get("text"), str):
                 raise invalid(f"messages.{i}.content.{j}: expected a text part "
-                              f"({{\"type\": \"text\", \"text\": ...}}), got {_shown(part)}")
+                              f"({{\"type\": \"text\", \"text\": ...}}), got {shown(part)}")
     tools = body.get("tools")
     if tools is not None and not isinstance(tools, list):
         raise invalid("tools: Input should be a list")

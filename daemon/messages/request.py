@@ -13,14 +13,11 @@ import json
 from dataclasses import dataclass, field
 
 from ..errors import RequestRejected
+from .checks import check_number, invalid
 
 ROLES = ("user", "assistant", "system")
 IGNORED_BLOCKS = ("thinking", "redacted_thinking")
 MEDIA_BLOCKS = ("image", "document")
-
-
-def invalid(message: str) -> RequestRejected:
-    return RequestRejected(400, message, "invalid_request")
 
 
 @dataclass
@@ -31,18 +28,6 @@ class ChatRequest:
     stream: bool = False
     stop_sequences: list[str] = field(default_factory=list)
     max_tokens: int = 0
-
-
-def _number(body: dict, key: str, low: float, high: float | None = None) -> float | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise invalid(f"{key}: Input should be a valid number, got {json.dumps(value)[:40]}")
-    if value < low or (high is not None and value > high):
-        bound = f"between {low:g} and {high:g}" if high is not None else f"greater than or equal to {low:g}"
-        raise invalid(f"{key}: Input should be {bound}, got {value}")
-    return value
 
 
 def _text_of(content, where: str) -> str:
@@ -184,7 +169,7 @@ def to_chat(body: dict) -> ChatRequest:
     chat: dict = {"messages": out, "max_tokens": max_tokens, "stream": True,
                   "stream_options": {"include_usage": True}}
     for key, low, high in (("temperature", 0, 2), ("top_p", 0, 1), ("top_k", 0, None)):
-        value = _number(body, key, low, high)
+        value = check_number(body, key, low, high)
         if value is not None:
             chat[key] = value
     tools = _tools(body)

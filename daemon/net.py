@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 import socket
 
 
@@ -13,3 +14,14 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
         except OSError:
             return True
     return False
+
+
+def peer_closed(sock: socket.socket) -> bool:
+    """True when the other end has closed the connection; never reads data and never waits."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except (OSError, ValueError):
+        return True

@@ -14,12 +14,12 @@ request's own socket is checked, and a closed one stops the generation.
 """
 
 import os
-import select
 import signal
-import socket
 import sys
 import threading
 import time
+
+from daemon.net import peer_closed
 
 CHECK_EVERY = 0.25
 
@@ -31,16 +31,6 @@ def _exit_when_parent_goes() -> None:
     except OSError:
         pass
     os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _gone(sock) -> bool:
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
-        return bool(readable) and sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except (BlockingIOError, InterruptedError):
-        return False
-    except (OSError, ValueError):
-        return True
 
 
 def stop_when_client_goes(server) -> None:
@@ -68,7 +58,7 @@ def stop_when_client_goes(server) -> None:
             for item in response:
                 if time.monotonic() - checked > CHECK_EVERY:
                     checked = time.monotonic()
-                    if _gone(sock):
+                    if peer_closed(sock):
                         ctx.stop()
                         raise BrokenPipeError("the client closed the connection; generation stopped")
                 yield item

@@ -33,6 +33,7 @@ from ..messages.chat import assemble_chat
 from ..messages.events import MessageTranslator, assemble, sse
 from ..messages.openai_request import check_chat, check_common, check_completion
 from ..messages.request import to_chat
+from ..net import peer_closed
 from . import tokens
 from .admission import Overloaded, Ticket
 from .fleet import Fleet
@@ -83,16 +84,6 @@ def _client_socket(environ):
     return environ.get("gunicorn.socket") if environ else None
 
 
-def _client_gone(sock) -> bool:
-    """True when the client has closed its connection (seen without reading or waiting)."""
-    try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except (BlockingIOError, InterruptedError):
-        return False
-    except (OSError, ValueError):
-        return True
-
-
 class Upstream:
     """One streamed call to a model server on a plain socket, read line by line.
 
@@ -126,7 +117,7 @@ class Upstream:
                 readable, _, _ = select.select(watched, [], [], 1.0)
             except (OSError, ValueError):
                 raise BackendError(ticket.cancel_reason or "the model server connection was closed") from None
-            if self.client is not None and self.client in readable and _client_gone(self.client):
+            if self.client is not None and self.client in readable and peer_closed(self.client):
                 raise ClientGone()
             if not readable and not self.buffer and time.monotonic() - self.last_data > SILENCE_TICK:
                 self.last_data = time.monotonic()
@@ -242,7 +233,7 @@ class Relay:
             while not server.admission.wait(ticket, 1.0):
                 if ticket.cancel_reason:
                     raise BackendError(ticket.cancel_reason)
-                if client is not None and _client_gone(client):
+                if client is not None and peer_closed(client):
                     raise ClientGone()
                 waited += 1.0
                 if waited >= PING_EVERY:

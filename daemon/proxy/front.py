@@ -22,6 +22,7 @@ import re
 
 from ..api_errors import KIND_PREFIX, KINDS, error_body, is_anthropic_path
 from ..errors import RequestRejected
+from ..json_body import parse_object
 from . import local_routes
 
 OPEN_PATHS = ("/health/liveliness", "/health/liveness", "/health/readiness")
@@ -52,7 +53,7 @@ class GatewayFront:
                                 "invalid or missing API key: send it as `x-api-key` (Anthropic clients) or "
                                 "`Authorization: Bearer` (OpenAI clients); `mlxgate env` prints it")
 
-        body = b""
+        body, data = b"", None
         if scope.get("method") in ("POST", "PUT", "PATCH"):
             length = headers.get("content-length")
             if length and length.isdigit() and int(length) > self.max_body:
@@ -73,13 +74,14 @@ class GatewayFront:
             body = b"".join(chunks)
             content_type = headers.get("content-type", "")
             if "multipart" not in content_type:  # these APIs take JSON, whatever the client labels it
-                problem = _json_problem(body)
-                if problem:
-                    return await _reply(send, 400, anthropic, "invalid_request", problem)
+                try:
+                    data = parse_object(body)
+                except ValueError as exc:
+                    return await _reply(send, 400, anthropic, "invalid_request", str(exc))
                 if "json" not in content_type:  # e.g. curl -d without -H: let LiteLLM read it as JSON
                     scope = dict(scope, headers=[(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
                                  + [(b"content-type", b"application/json")])
-        local = await self._local(scope, path, body, anthropic, send)
+        local = await self._local(scope, path, data, anthropic, send)
         if local is not False:
             return local
         app_receive, gone = _split_receive(body, receive)
@@ -91,14 +93,14 @@ class GatewayFront:
                 gone.set()  # like the server's own receive: after the answer, only a disconnect
         return await _until_disconnect(self.app(scope, app_receive, app_send), receive, gone)
 
-    async def _local(self, scope, path: str, body: bytes, anthropic: bool, send):
+    async def _local(self, scope, path: str, data: dict | None, anthropic: bool, send):
         """Answer our own routes; False when the request is for LiteLLM."""
         if self.config is None:
             return False
         method = scope.get("method")
         try:
-            if method == "POST" and path.rstrip("/") == local_routes.COUNT_TOKENS:
-                status, payload = await local_routes.count_tokens(self.config, json.loads(body))
+            if method == "POST" and data is not None and path.rstrip("/") == local_routes.COUNT_TOKENS:
+                status, payload = await local_routes.count_tokens(self.config, data)
                 if status >= 400:
                     kind, text = _parse_error(payload, status)
                     return await _reply(send, status, True, kind, text)
@@ -115,22 +117,6 @@ class GatewayFront:
         if not given and auth.lower().startswith("bearer "):
             given = auth[7:].strip()
         return hmac.compare_digest(given.encode(), self.api_key)
-
-
-def _json_problem(body: bytes) -> str | None:
-    if not body.strip():
-        return "the request body is empty: send a JSON object"
-    try:
-        data = json.loads(body)
-    except UnicodeDecodeError:
-        return "the request body is not valid UTF-8"
-    except ValueError as exc:
-        return f"the request body is not valid JSON: {exc}"
-    except RecursionError:
-        return "the request body is nested too deeply"
-    if not isinstance(data, dict):
-        return f"the request body must be a JSON object, got {type(data).__name__}"
-    return None
 
 
 def _split_receive(body: bytes, receive):

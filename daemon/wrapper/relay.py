@@ -33,6 +33,7 @@ from ..messages.chat import assemble_chat
 from ..messages.events import MessageTranslator, assemble, sse
 from ..messages.openai_request import check_chat, check_common, check_completion
 from ..messages.request import to_chat
+from ..json_body import parse_object
 from ..net import peer_closed
 from . import tokens
 from .admission import Overloaded, Ticket
@@ -415,18 +416,10 @@ class Relay:
 
 
 def _json_body() -> dict:
-    raw = request.get_data(cache=True)
     try:
-        data = json.loads(raw)
-    except UnicodeDecodeError:
-        raise RequestRejected(400, "the request body is not valid UTF-8", "invalid_request") from None
+        return parse_object(request.get_data(cache=True))
     except ValueError as exc:
-        raise RequestRejected(400, f"the request body is not valid JSON: {exc}", "invalid_request") from None
-    except RecursionError:
-        raise RequestRejected(400, "the request body is nested too deeply", "invalid_request") from None
-    if not isinstance(data, dict):
-        raise RequestRejected(400, "the request body must be a JSON object", "invalid_request")
-    return data
+        raise RequestRejected(400, str(exc), "invalid_request") from None
 
 
 def register(app: Flask, fleet: Fleet) -> Relay:

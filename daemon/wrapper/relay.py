@@ -285,9 +285,8 @@ class Relay:
         model = str(body.get("model") or status["model"])
         translator = MessageTranslator(model, input_tokens, chat.stop_sequences)
         if chat.stream:
-            return Response(stream_with_context(
-                self._message_stream(server, ticket, status["path"], chat.body, translator)),
-                mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return self._streamed(server, ticket, True,
+                                  self._message_stream(server, ticket, status["path"], chat.body, translator))
         environ = request.environ
         try:
             self._turn(server, ticket, status["path"], environ)
@@ -306,32 +305,42 @@ class Relay:
         return Response(json.dumps(message), mimetype="application/json")
 
     def _message_stream(self, server, ticket, path, chat, translator) -> Iterator[bytes]:
-        try:
-            for name, data in translator.start():
-                yield sse(name, data)
-            for _ in self._turn_steps(server, ticket, path, request.environ):
-                yield sse("ping", {"type": "ping"})
-            last_ping = time.monotonic()
-            for chunk in self._generate(server, ticket, chat, request.environ):
-                if chunk is None:
-                    if time.monotonic() - last_ping > 2:  # a long prompt or a silent model: keep it waiting
-                        last_ping = time.monotonic()
-                        yield sse("ping", {"type": "ping"})
-                    continue
-                out = b"".join(sse(n, d) for n, d in translator.feed(chunk))
-                if out:
-                    yield out
-                if translator.stopped:
-                    break
-            yield b"".join(sse(n, d) for n, d in translator.finish())
-        except ClientGone:
-            return  # nobody is left to tell
-        except (MlxgateError, BackendError) as exc:
-            rejected = _reject(exc)
-            log.warning("%s stream ended with an error: %s", server.role, rejected)
-            yield sse("error", json.loads(error_body(True, rejected.kind, str(rejected))))
-        finally:
-            server.admission.release(ticket)
+        for name, data in translator.start():
+            yield sse(name, data)
+        for _ in self._turn_steps(server, ticket, path, request.environ):
+            yield sse("ping", {"type": "ping"})
+        last_ping = time.monotonic()
+        for chunk in self._generate(server, ticket, chat, request.environ):
+            if chunk is None:
+                if time.monotonic() - last_ping > 2:  # a long prompt or a silent model: keep it waiting
+                    last_ping = time.monotonic()
+                    yield sse("ping", {"type": "ping"})
+                continue
+            out = b"".join(sse(n, d) for n, d in translator.feed(chunk))
+            if out:
+                yield out
+            if translator.stopped:
+                break
+        yield b"".join(sse(n, d) for n, d in translator.finish())
+
+    def _streamed(self, server: ModelServer, ticket: Ticket, anthropic: bool,
+                  produce: Iterator[bytes]) -> Response:
+        """A streamed answer whose failures arrive as the API's own error event, and whose
+        ticket is given back however it ends."""
+        def guarded() -> Iterator[bytes]:
+            try:
+                yield from produce
+            except ClientGone:
+                return  # nobody is left to tell
+            except (MlxgateError, BackendError) as exc:
+                rejected = _reject(exc)
+                log.warning("%s stream ended with an error: %s", server.role, rejected)
+                payload = error_body(anthropic, rejected.kind, str(rejected))
+                yield sse("error", json.loads(payload)) if anthropic else b"data: " + payload + b"\n\n"
+            finally:
+                server.admission.release(ticket)
+        return Response(stream_with_context(guarded()), mimetype="text/event-stream",
+                        headers={"Cache-Control": "no-cache"})
 
     def count_tokens(self, role: str) -> Response:
         server = self.fleet.server(role)
@@ -368,9 +377,8 @@ class Relay:
             return error_response(exc, anthropic=False)
         path = "/v1/chat/completions" if chat else "/v1/completions"
         if wants_stream:
-            return Response(stream_with_context(
-                self._openai_stream(server, ticket, status["path"], path, upstream, wants_usage)),
-                mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return self._streamed(server, ticket, False,
+                                  self._openai_stream(server, ticket, status["path"], path, upstream, wants_usage))
         environ = request.environ
         chunks = []
         try:
@@ -383,22 +391,13 @@ class Relay:
         return Response(json.dumps(assemble_chat(chunks, chat)), mimetype="application/json")
 
     def _openai_stream(self, server, ticket, model_path, path, body, wants_usage) -> Iterator[bytes]:
-        try:
-            self._turn(server, ticket, model_path, request.environ)
-            for chunk in self._generate(server, ticket, body, request.environ, path):
-                if chunk is None:
-                    yield b": keepalive\n\n"
-                elif chunk.get("choices") or wants_usage:
-                    yield f"data: {json.dumps(chunk)}\n\n".encode()
-            yield b"data: [DONE]\n\n"
-        except ClientGone:
-            return
-        except (MlxgateError, BackendError) as exc:
-            rejected = _reject(exc)
-            log.warning("%s stream ended with an error: %s", server.role, rejected)
-            yield f"data: {error_body(False, rejected.kind, str(rejected)).decode()}\n\n".encode()
-        finally:
-            server.admission.release(ticket)
+        self._turn(server, ticket, model_path, request.environ)
+        for chunk in self._generate(server, ticket, body, request.environ, path):
+            if chunk is None:
+                yield b": keepalive\n\n"
+            elif chunk.get("choices") or wants_usage:
+                yield f"data: {json.dumps(chunk)}\n\n".encode()
+        yield b"data: [DONE]\n\n"
 
     def _generate(self, server: ModelServer, ticket: Ticket, body: dict, environ,
                   path: str = "/v1/chat/completions") -> Iterator[dict | None]:

@@ -34,31 +34,35 @@ def _resolve(config: Config, body: dict):
     return target
 
 
-async def count_tokens(config: Config, body: dict) -> tuple[int, bytes]:
-    target = await asyncio.to_thread(_resolve, config, body)
-    headers = {MODEL_HEADER: target.model}
+async def _wrapper(config: Config, method: str, path: str, timeout: float, headers: dict | None = None,
+                   **options) -> httpx.Response:
+    """A call to the wrapper with the key; a 503 the client can act on when it is not there."""
+    headers = dict(headers or {})
     if config.api_key:
         headers["Authorization"] = f"Bearer {config.api_key}"
-    url = f"{config.wrapper_url}/backends/{target.server}{COUNT_TOKENS}"
     try:
-        async with httpx.AsyncClient(timeout=120) as client:
-            response = await client.post(url, json=body, headers=headers)
+        async with httpx.AsyncClient(timeout=timeout) as client:
+            return await client.request(method, config.wrapper_url + path, headers=headers, **options)
     except httpx.HTTPError:
         raise RequestRejected(503, f"the MLX wrapper is not running at {config.wrapper_url}. "
                               f"Check `mlxgate status`.", "unavailable") from None
+
+
+async def count_tokens(config: Config, body: dict) -> tuple[int, bytes]:
+    target = await asyncio.to_thread(_resolve, config, body)
+    response = await _wrapper(config, "POST", f"/backends/{target.server}{COUNT_TOKENS}", 120,
+                              {MODEL_HEADER: target.model}, json=body)
     return response.status_code, response.content
 
 
 async def models(config: Config) -> dict:
-    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    response = await _wrapper(config, "GET", "/models", 30)
     try:
-        async with httpx.AsyncClient(timeout=30) as client:
-            response = await client.get(f"{config.wrapper_url}/models", headers=headers)
-            response.raise_for_status()
-            rows = response.json()["models"]
+        response.raise_for_status()
+        rows = response.json()["models"]
     except (httpx.HTTPError, ValueError, KeyError):
-        raise RequestRejected(503, f"the MLX wrapper is not running at {config.wrapper_url}. "
-                              f"Check `mlxgate status`.", "unavailable") from None
+        raise RequestRejected(503, f"the MLX wrapper at {config.wrapper_url} did not list its models "
+                              f"(HTTP {response.status_code}). Check `mlxgate status`.", "unavailable") from None
     names = [row["name"] for row in rows]
     if config.autocomplete_alias and config.autocomplete_model:
         names.append(config.autocomplete_alias)

@@ -56,8 +56,8 @@ fi
 
 current="make the API key"
 .venv/bin/python - <<'PY' || fail "could not write the API key file"
-from daemon.config import runtime_home
-from daemon.supervision.control import ensure_api_key
+from mlxgate.config import runtime_home
+from mlxgate.supervision.control import ensure_api_key
 import os
 home = runtime_home()
 if os.environ.get("MLXGATE_API_KEY"):

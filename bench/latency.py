@@ -62,7 +62,7 @@ def main() -> int:
     python = sys.executable
     model = Path(args.model) if args.model else work / "models" / "bench-model"
     if not args.model:
-        subprocess.run([python, "-m", "daemon.cli", "demo-model", str(model)], cwd=ROOT, check=True,
+        subprocess.run([python, "-m", "mlxgate.cli", "demo-model", str(model)], cwd=ROOT, check=True,
                        capture_output=True)
     direct_port, port = free_port(), free_port()
     env = dict(os.environ, MLXGATE_HOME=str(work / "home"), MLXGATE_CONFIG=str(work / "none.yaml"),
@@ -73,7 +73,7 @@ def main() -> int:
     direct = subprocess.Popen([python, "-m", "mlx_lm", "server", "--model", str(model), "--port", str(direct_port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     print("starting the gateway...", file=sys.stderr, flush=True)
-    started = subprocess.run([python, "-m", "daemon.cli", "start", "--port", str(port), "--default-model",
+    started = subprocess.run([python, "-m", "mlxgate.cli", "start", "--port", str(port), "--default-model",
                               str(model)], cwd=ROOT, env=env, capture_output=True, text=True)
     try:
         if started.returncode != 0:
@@ -113,7 +113,7 @@ def main() -> int:
         for name, d50, d95, g50, g95, added, ratio in rows:
             print(f"| {name} | {d50:.1f} | {d95:.1f} | {g50:.1f} | {g95:.1f} | {added:+.1f} | {ratio:.2f}x |")
     finally:
-        subprocess.run([python, "-m", "daemon.cli", "stop"], cwd=ROOT, env=env, capture_output=True)
+        subprocess.run([python, "-m", "mlxgate.cli", "stop"], cwd=ROOT, env=env, capture_output=True)
         direct.terminate()
         direct.wait()
     return 0

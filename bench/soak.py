@@ -33,8 +33,8 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from daemon.config import load_config  # noqa: E402
-from daemon.supervision.control import Supervisor  # noqa: E402
+from mlxgate.config import load_config  # noqa: E402
+from mlxgate.supervision.control import Supervisor  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "Tell me about the sea"}]
 MALFORMED = [
@@ -182,7 +182,7 @@ def start_own(work: Path) -> dict:
     python = sys.executable
     models = work / "models"
     for name, seed in (("soak-a", "0"), ("soak-b", "1")):
-        subprocess.run([python, "-m", "daemon.cli", "demo-model", str(models / name), "--seed", seed,
+        subprocess.run([python, "-m", "mlxgate.cli", "demo-model", str(models / name), "--seed", seed,
                         "--context", "32768"], cwd=ROOT, check=True, capture_output=True)
     ports = {}
     for name in ("MLX_WRAPPER_URL", "MLX_DYNAMIC_PORT", "MLX_AUTOCOMPLETE_PORT", "MLXGATE_PORT"):
@@ -197,7 +197,7 @@ def start_own(work: Path) -> dict:
                LITELLM_LOCAL_MODEL_COST_MAP="True", MLXGATE_DRAIN_TIMEOUT="10")
     env.pop("DETAILED_DEBUG", None)
     print("starting a gateway for the soak...", file=sys.stderr, flush=True)
-    result = subprocess.run([python, "-m", "daemon.cli", "start", "--default-model", "soak-a",
+    result = subprocess.run([python, "-m", "mlxgate.cli", "start", "--default-model", "soak-a",
                              "--max-tokens", "4096"], cwd=ROOT, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"mlxgate start failed:\n{result.stdout}\n{result.stderr}")
@@ -239,7 +239,7 @@ def main() -> int:
         report(soak.results, args, before, after, base, end_base)
     finally:
         if args.start:
-            subprocess.run([sys.executable, "-m", "daemon.cli", "stop"], cwd=ROOT, env=env, capture_output=True)
+            subprocess.run([sys.executable, "-m", "mlxgate.cli", "stop"], cwd=ROOT, env=env, capture_output=True)
     return 0
 
 

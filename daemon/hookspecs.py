@@ -4,7 +4,7 @@ A plugin is a Python file (in ``plugins/`` or a folder of ``plugin_dirs``) or an
 installed package with an ``mlxgate`` entry point, holding functions marked
 ``@hookimpl`` whose names and arguments match the specifications below::
 
-    from daemon.hookspecs import hookimpl
+    from mlxgate.hookspecs import hookimpl
 
     @hookimpl
     def mlxgate_pre_call(ctx):
@@ -13,7 +13,7 @@ installed package with an ``mlxgate`` entry point, holding functions marked
 Hooks run inside the proxy, before each request goes to a model, in this order:
 ``mlxgate_resolve_model`` → ``mlxgate_ensure_loaded`` → ``mlxgate_pre_call``. They
 are plain (synchronous) functions; the proxy runs them off its event loop. To refuse
-a request, raise ``daemon.errors.RequestRejected``: the client gets that status and
+a request, raise ``mlxgate.RequestRejected``: the client gets that status and
 message in its own API's error format.
 """
 

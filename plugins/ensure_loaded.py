@@ -4,9 +4,9 @@ The wrapper's load call returns at once when the model is already serving, and
 otherwise blocks until the model answers (or fails to load).
 """
 
-from daemon.client import WrapperClient, WrapperError
-from daemon.errors import RequestRejected
-from daemon.hookspecs import hookimpl
+from mlxgate.client import WrapperClient, WrapperError
+from mlxgate.errors import RequestRejected
+from mlxgate.hookspecs import hookimpl
 
 _clients: dict[tuple, WrapperClient] = {}
 

@@ -12,9 +12,9 @@ A name that means the autocomplete model is served by the autocomplete server.
 import fnmatch
 import re
 
-from daemon import names
-from daemon.errors import RequestRejected, UnsafeModelName
-from daemon.hookspecs import Target, hookimpl
+from mlxgate import names
+from mlxgate.errors import RequestRejected, UnsafeModelName
+from mlxgate.hookspecs import Target, hookimpl
 
 HOSTED_PREFIXES = ("claude-", "gpt-")
 

@@ -6,8 +6,8 @@ request must say (the Messages API requires `max_tokens`), or it is refused with
 Anthropic's own wording.
 """
 
-from daemon.errors import RequestRejected
-from daemon.hookspecs import hookimpl
+from mlxgate.errors import RequestRejected
+from mlxgate.hookspecs import hookimpl
 
 LIMIT_KEYS = ("max_tokens", "max_completion_tokens")
 

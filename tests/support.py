@@ -18,7 +18,7 @@ import openai
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
-MLXGATE = [sys.executable, "-m", "daemon.cli"]
+MLXGATE = [sys.executable, "-m", "mlxgate.cli"]
 
 
 def free_port() -> int:
@@ -238,7 +238,7 @@ class Gateway:
                                 headers={"Authorization": f"Bearer {self.api_key}"}, **kwargs)
 
     def program_pids(self) -> dict[str, int]:
-        from daemon.supervision.control import Supervisor
+        from mlxgate.supervision.control import Supervisor
 
         return {name: info["pid"] for name, info in Supervisor(self.home).processes().items()
                 if info["pid"]}

@@ -59,7 +59,7 @@ def test_download_fails_fast_and_clearly_when_the_hub_is_unreachable(tmp_path):
 def test_demo_model_builds_a_model_the_catalog_finds(tmp_path):
     result = mlxgate("demo-model", str(tmp_path / "models" / "mine"), "--seed", "7", env=dict(os.environ))
     assert result.returncode == 0 and "built a tiny random-weight model" in result.stdout
-    from daemon.catalog import Catalog, verify_model_folder
+    from mlxgate.catalog import Catalog, verify_model_folder
 
     model = Catalog([tmp_path / "models"], None).resolve("mine")
     verify_model_folder(model.path)

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from daemon import PROJECT_ROOT
-from daemon.config import SETTINGS, load_config
-from daemon.errors import ConfigError
+from mlxgate import PROJECT_ROOT
+from mlxgate.config import SETTINGS, load_config
+from mlxgate.errors import ConfigError
 
 EXAMPLE = PROJECT_ROOT / "config" / "gateway.example.yaml"
 
@@ -85,8 +85,8 @@ def test_the_api_key_comes_from_the_environment_or_the_key_file(tmp_path):
 
 
 def test_every_hook_and_command_is_in_the_readme():
-    from daemon import hookspecs
-    from daemon.cli import COMMANDS
+    from mlxgate import hookspecs
+    from mlxgate.cli import COMMANDS
 
     readme = (PROJECT_ROOT / "README.md").read_text()
     for name in dir(hookspecs):

@@ -39,7 +39,7 @@ def test_kill_9_of_any_program_brings_the_whole_group_down(models_dir, tmp_path,
 
 
 PLUGIN = '''
-from daemon.hookspecs import hookimpl
+from mlxgate.hookspecs import hookimpl
 
 @hookimpl
 def mlxgate_pre_call(ctx):
@@ -66,7 +66,7 @@ def test_a_dropped_in_plugin_changes_behaviour_after_restart(models_dir, tmp_pat
 @pytest.mark.parametrize("source, expected", [
     ("import nothing_like_this\n", "two_broken.py:1 failed to load: ModuleNotFoundError"),
     ("x = 1\ndef broken(:\n", "two_broken.py:2 failed to load: SyntaxError"),
-    ("from daemon.hookspecs import hookimpl\n\n@hookimpl\ndef mlxgate_pre_cal(ctx):\n    pass\n",
+    ("from mlxgate.hookspecs import hookimpl\n\n@hookimpl\ndef mlxgate_pre_cal(ctx):\n    pass\n",
      "unknown hook 'mlxgate_pre_cal'"),
 ])
 def test_a_broken_plugin_stops_the_start_with_file_and_line(models_dir, tmp_path, source, expected):

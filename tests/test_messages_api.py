@@ -13,7 +13,7 @@ import anthropic
 import httpx
 import pytest
 
-from daemon.demo_model import PLAIN_ANSWER, THINKING, TOOL_ANSWER
+from mlxgate.demo_model import PLAIN_ANSWER, THINKING, TOOL_ANSWER
 from support import claude, gpt
 
 WEATHER_TOOL = {"name": "get_weather", "description": "Current weather in a city",

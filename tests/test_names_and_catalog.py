@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 
-from daemon import names
-from daemon.catalog import Catalog, verify_model_folder
-from daemon.errors import UnknownModel, UnsafeModelName
+from mlxgate import names
+from mlxgate.catalog import Catalog, verify_model_folder
+from mlxgate.errors import UnknownModel, UnsafeModelName
 
 
 @pytest.mark.parametrize("sent, folders", [

@@ -8,10 +8,10 @@ import json
 
 import pytest
 
-from daemon.errors import RequestRejected
-from daemon.messages.chat import assemble_chat
-from daemon.messages.events import MessageTranslator, assemble
-from daemon.messages.request import to_chat
+from mlxgate.errors import RequestRejected
+from mlxgate.messages.chat import assemble_chat
+from mlxgate.messages.events import MessageTranslator, assemble
+from mlxgate.messages.request import to_chat
 
 
 def chunk(content=None, reasoning=None, calls=None, finish=None, usage=None) -> dict:

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from daemon.config import load_config
-from daemon.errors import RequestRejected
-from daemon.hookspecs import CallContext
-from daemon.plugins import make_manager
-from daemon.proxy import litellm_config
-from daemon.redaction import redact
-from daemon.supervision.control import program_env
-from daemon.supervision.listener import GroupDownListener
+from mlxgate.config import load_config
+from mlxgate.errors import RequestRejected
+from mlxgate.hookspecs import CallContext
+from mlxgate.plugins import make_manager
+from mlxgate.proxy import litellm_config
+from mlxgate.redaction import redact
+from mlxgate.supervision.control import program_env
+from mlxgate.supervision.listener import GroupDownListener
 
 
 # ---------------------------------------------------------------- group-down listener
@@ -64,7 +64,7 @@ def test_listener_shuts_down_once():
 def test_cert_makes_an_authority_and_leaves_with_proper_names(tmp_path):
     from cryptography import x509
 
-    from daemon.certs import ensure_leaf
+    from mlxgate.certs import ensure_leaf
 
     cert, key, made = ensure_leaf(tmp_path)
     assert made and cert.name == "cert.pem" and key.name == "key.pem"
@@ -164,7 +164,7 @@ def test_generated_litellm_config_routes_names_and_sets_what_mlx_needs(tmp_path)
     assert routes["autocomplete"] == f"{relay}/autocomplete/v1"
     assert all("/v1/messages" in m["model_info"]["supported_endpoints"] for m in data["model_list"])
     assert data["litellm_settings"]["use_chat_completions_url_for_anthropic_messages"] is True
-    assert data["litellm_settings"]["callbacks"] == ["daemon.proxy.bridge.bridge"]
+    assert data["litellm_settings"]["callbacks"] == ["mlxgate.proxy.bridge.bridge"]
     assert data["general_settings"]["master_key"] == "os.environ/MLXGATE_API_KEY"
 
 
@@ -185,7 +185,7 @@ def test_debug_logging_redacts_keys():
 
 
 def test_the_readme_example_plugin_works(tmp_path):
-    from daemon import PROJECT_ROOT
+    from mlxgate import PROJECT_ROOT
 
     readme = (PROJECT_ROOT / "README.md").read_text()
     source = readme.split("# plugins/house_rules.py\n", 1)[1].split("```", 1)[0]

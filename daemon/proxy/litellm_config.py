@@ -19,7 +19,7 @@ from ..config import Config
 
 DYNAMIC_DEPLOYMENT = "mlxgate-dynamic"
 AUTOCOMPLETE_DEPLOYMENT = "mlxgate-autocomplete"
-BRIDGE = "daemon.proxy.bridge.bridge"
+BRIDGE = "mlxgate.proxy.bridge.bridge"
 FILE_NAME = "litellm.yaml"
 
 

@@ -1,6 +1,6 @@
 """Run one LiteLLM proxy listener (HTTP, or HTTPS with `--https`) with our front.
 
-Started by supervisord as `python -m daemon.cli proxy [--https]`; reads the gateway
+Started by supervisord as `python -m mlxgate.cli proxy [--https]`; reads the gateway
 config from the environment like every other program, and the generated LiteLLM
 config from the runtime folder.
 """

@@ -3,7 +3,7 @@
 Paste into supervisord.conf::
 
     [eventlistener:group_down]
-    command=python -m daemon.supervision.listener
+    command=python -m mlxgate.supervision.listener
     events=PROCESS_STATE_EXITED,PROCESS_STATE_FATAL
 
 A program exiting on its own (EXITED) or given up on (FATAL) leaves the gateway half

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 
-from daemon.net import peer_closed
+from mlxgate.net import peer_closed
 
 CHECK_EVERY = 0.25
 

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .. import PROJECT_ROOT
 
 _ERROR_LINE = re.compile(r"^[\w.]*(Error|Exception|Exit)\b.*")
 
@@ -98,8 +97,7 @@ def launch(model_path: Path, port: int, log_path: Path, extra_args: Sequence[str
     log.flush()
     offset = log.tell()
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
-    command = [sys.executable, "-m", "daemon.wrapper.model_process", "--model", str(model_path),
+    command = [sys.executable, "-m", "mlxgate.wrapper.model_process", "--model", str(model_path),
                "--host", "127.0.0.1", "--port", str(port), *extra_args]
     try:
         popen = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,

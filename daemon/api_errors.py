@@ -1,36 +1,103 @@
-"""Error bodies in each API's own shape, so clients' SDKs raise the right exception."""
+"""The one table from our error kinds to an HTTP status and each API's error shape.
+
+Anthropic clients get ``{"type": "error", "error": {"type", "message"}}``; OpenAI clients
+``{"error": {"message", "type", "param", "code"}}``. Both official SDKs retry 408, 409,
+429 and every 5xx unless the answer says ``x-should-retry: false``; a kind whose retry
+cannot help says so. A stream that has already answered 200 ends with the same error as
+an event instead (`error_event`).
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
-# Our error kinds → (Anthropic error type, OpenAI error type, OpenAI code)
-KINDS = {
-    "invalid_request": ("invalid_request_error", "invalid_request_error", None),
-    "authentication": ("authentication_error", "authentication_error", "invalid_api_key"),
-    "permission": ("permission_error", "permission_error", None),
-    "not_found": ("not_found_error", "invalid_request_error", "model_not_found"),
-    "request_too_large": ("request_too_large", "invalid_request_error", "request_too_large"),
-    "rate_limit": ("rate_limit_error", "rate_limit_error", None),
-    "overloaded": ("overloaded_error", "server_error", "overloaded"),
-    "unavailable": ("api_error", "server_error", "service_unavailable"),
-    "api_error": ("api_error", "server_error", None),
+from .errors import MlxgateError, RequestRejected
+
+ANTHROPIC = "anthropic"
+OPENAI = "openai"
+
+
+@dataclass(frozen=True)
+class Kind:
+    status: int
+    anthropic_type: str
+    openai_type: str
+    openai_code: str | None = None
+    openai_status: int | None = None   # when OpenAI clients get another status
+    should_retry: bool | None = None   # x-should-retry; None: the SDKs' own rule
+    retry_after: bool = False          # send Retry-After
+
+
+KINDS: dict[str, Kind] = {
+    "invalid_request": Kind(400, "invalid_request_error", "invalid_request_error"),
+    "authentication": Kind(401, "authentication_error", "authentication_error", "invalid_api_key"),
+    "permission": Kind(403, "permission_error", "permission_error"),
+    "not_found": Kind(404, "not_found_error", "invalid_request_error", "model_not_found"),
+    "request_too_large": Kind(413, "request_too_large", "invalid_request_error", "request_too_large"),
+    "rate_limit": Kind(429, "rate_limit_error", "rate_limit_error", retry_after=True),
+    "overloaded": Kind(529, "overloaded_error", "server_error", "overloaded", openai_status=503,
+                       retry_after=True),
+    "unavailable": Kind(503, "api_error", "server_error", "service_unavailable", retry_after=True),
+    "model_load_failed": Kind(503, "api_error", "server_error", "model_load_failed", should_retry=False),
+    "backend_error": Kind(502, "api_error", "server_error", "backend_error"),
+    "api_error": Kind(500, "api_error", "server_error"),
 }
 
 
-# A hook's rejection travels through LiteLLM as an error whose type is this prefix + our kind;
-# the front turns it back into the API's own error type.
-KIND_PREFIX = "mlxgate:"
+def kind_for_status(status: int) -> str:
+    """The kind an HTTP status means, for errors that come from elsewhere (LiteLLM)."""
+    for kind, spec in KINDS.items():
+        if status in (spec.status, spec.openai_status):
+            return kind
+    return "invalid_request" if 400 <= status < 500 else "api_error"
 
 
 def is_anthropic_path(path: str) -> bool:
     return path.startswith(("/v1/messages", "/messages", "/anthropic"))
 
 
-def error_body(anthropic: bool, kind: str, message: str) -> bytes:
-    anthropic_type, openai_type, code = KINDS.get(kind, KINDS["api_error"])
-    if anthropic:
-        body = {"type": "error", "error": {"type": anthropic_type, "message": message}}
+def kind_of(exc: BaseException) -> tuple[str, int | None]:
+    """(kind, explicit status) of an exception; a hook's `RequestRejected` names its own status."""
+    if isinstance(exc, RequestRejected):
+        return (exc.kind if exc.kind in KINDS else "api_error"), exc.status
+    if isinstance(exc, MlxgateError):
+        return exc.kind, None
+    return "api_error", None
+
+
+def error_body(api: str, kind: str, message: str) -> bytes:
+    spec = KINDS.get(kind, KINDS["api_error"])
+    if api == ANTHROPIC:
+        body = {"type": "error", "error": {"type": spec.anthropic_type, "message": message}}
     else:
-        body = {"error": {"message": message, "type": openai_type, "param": None, "code": code}}
+        body = {"error": {"message": message, "type": spec.openai_type, "param": None, "code": spec.openai_code}}
     return json.dumps(body).encode()
+
+
+def error_response(api: str, kind: str, message: str, status: int | None = None,
+                   retry_after: int = 5) -> tuple[int, list[tuple[str, str]], bytes]:
+    """(status, headers, body) of an error answer in `api`'s shape."""
+    spec = KINDS.get(kind, KINDS["api_error"])
+    if status is None:
+        status = spec.openai_status if (api != ANTHROPIC and spec.openai_status) else spec.status
+    body = error_body(api, kind, message)
+    headers = [("content-type", "application/json"), ("content-length", str(len(body)))]
+    if spec.retry_after:
+        headers.append(("retry-after", str(retry_after)))
+    if spec.should_retry is not None:
+        headers.append(("x-should-retry", "true" if spec.should_retry else "false"))
+    return status, headers, body
+
+
+def exception_response(api: str, exc: BaseException) -> tuple[int, list[tuple[str, str]], bytes]:
+    kind, status = kind_of(exc)
+    return error_response(api, kind, str(exc), status, getattr(exc, "retry_after", 5))
+
+
+def error_event(api: str, kind: str, message: str) -> bytes:
+    """The error as the last event of a stream that has already started."""
+    body = error_body(api, kind, message)
+    if api == ANTHROPIC:
+        return b"event: error\ndata: " + body + b"\n\n"
+    return b"data: " + body + b"\n\n"

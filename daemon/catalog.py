@@ -10,12 +10,13 @@ only inside the directories and the cache.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 from . import names
-from .errors import UnknownModel, UnsafeModelName
+from .errors import ModelLoadFailed, UnknownModel, UnsafeModelName
 
 WEIGHT_SUFFIXES = (".safetensors",)
 
@@ -65,6 +66,8 @@ class Catalog:
                  operator_models: Iterable[str] = ()):
         self.model_dirs = tuple(Path(d).expanduser() for d in model_dirs)
         self.hf_cache = hf_cache
+        self._lock = threading.Lock()
+        self._checked: dict[Path, tuple[tuple, str | None]] = {}
         self._operator: dict[str, LocalModel] = {}
         for given in operator_models:
             path = Path(given).expanduser()
@@ -111,23 +114,53 @@ class Catalog:
                 if not is_model_folder(path):
                     continue
                 if not _inside(path, root):
-                    raise UnsafeModelName(f"model name {requested!r} is not allowed: {path} leads "
-                                          f"outside the model directory {root} through a symlink")
+                    raise UnsafeModelName(f"model name {requested!r} is not allowed: it leads outside the "
+                                          f"model directories through a symbolic link")
                 return LocalModel(name, path, "model_dir")
             if self.hf_cache:
                 snapshot = _hf_snapshot(self.hf_cache, name)
                 if snapshot and is_model_folder(snapshot):
                     return LocalModel(name, snapshot, "hf_cache")
-        where = ", ".join(str(d) for d in self.model_dirs) or "no model directories"
         raise UnknownModel(
-            f"model {requested!r} not found in {where} or the Hugging Face cache ({self.hf_cache}). "
-            f"Run `mlxgate models` to see what is available, or `mlxgate download {names.strip_provider(requested)}`.")
+            f"model {requested!r} not found among the local models (the model directories and the Hugging "
+            f"Face cache). Run `mlxgate models` to see what is available, or "
+            f"`mlxgate download {names.strip_provider(requested)}`.")
+
+    def servable(self, requested: str) -> LocalModel:
+        """`resolve`, then the folder checked as a load would check it (config, weight
+        headers), so a broken model is refused before anything is sent; the verdict is
+        remembered while the folder's files stay the same."""
+        model = self.resolve(requested)
+        stamp = _stamp(model.path)
+        with self._lock:
+            seen = self._checked.get(model.path)
+        if seen is None or seen[0] != stamp:
+            try:
+                verify_model_folder(model.path)
+                seen = (stamp, None)
+            except (ValueError, OSError) as exc:
+                seen = (stamp, str(exc))
+            with self._lock:
+                self._checked[model.path] = seen
+        if seen[1]:
+            raise ModelLoadFailed(f"model {model.name!r} cannot be loaded: {seen[1]}")
+        return model
+
+
+def _stamp(path: Path) -> tuple:
+    """What changes when a model folder's files do: names, sizes and times."""
+    try:
+        return tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(path)
+                            if e.name == "config.json" or e.name.endswith(WEIGHT_SUFFIXES)))
+    except OSError:
+        return ()
 
 
 def verify_model_folder(path: Path) -> None:
     """Cheap integrity check before a load: config parses, every weight file is whole.
 
-    Raises `ValueError` naming the bad file. It reads only file headers, so it takes
+    Raises `ValueError` naming the bad file (by its name in the folder: messages reach
+    clients, paths on this machine do not). It reads only file headers, so it takes
     milliseconds even for large models, and lets the wrapper refuse a broken folder
     without stopping the model that is serving.
     """
@@ -137,12 +170,13 @@ def verify_model_folder(path: Path) -> None:
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as exc:
-        raise ValueError(f"{path / 'config.json'} is not valid JSON ({exc})") from None
+        reason = exc.strerror if isinstance(exc, OSError) else exc
+        raise ValueError(f"config.json is not valid JSON ({reason})") from None
     if not isinstance(config, dict) or "model_type" not in config:
-        raise ValueError(f"{path / 'config.json'} has no model_type")
+        raise ValueError("config.json has no model_type")
     weights = sorted(p for p in path.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
     if not weights:
-        raise ValueError(f"{path} has no .safetensors weights")
+        raise ValueError("the folder has no .safetensors weights")
     for weight in weights:
         size = weight.stat().st_size
         with weight.open("rb") as handle:
@@ -160,3 +194,16 @@ def verify_model_folder(path: Path) -> None:
                 if k != "__metadata__" and isinstance(t, dict) and "data_offsets" in t]
         if max(ends, default=0) > size - 8 - header_len:
             raise ValueError(f"{weight.name} is truncated ({size} bytes on disk)")
+
+
+_by_config: dict[tuple, Catalog] = {}
+
+
+def for_config(config) -> Catalog:
+    """The catalog a gateway config describes: its model directories, the Hugging Face
+    cache, and the models it names by path (trusted: the operator wrote them)."""
+    operator = tuple(m for m in (config.default_model, config.autocomplete_model) if m)
+    key = (config.model_dirs, config.hf_cache, operator)
+    if key not in _by_config:
+        _by_config[key] = Catalog(config.model_dirs, config.hf_cache, operator_models=operator)
+    return _by_config[key]

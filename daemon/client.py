@@ -1,4 +1,4 @@
-"""A small client for the wrapper's management API, used by the CLI and the proxy hooks."""
+"""A small client for the wrapper's management API, used by the CLI."""
 
 from __future__ import annotations
 
@@ -7,12 +7,6 @@ from typing import Any
 import requests
 
 from .errors import MlxgateError
-
-# Names the local model a request routed to the relay (/backends/...) must be answered by.
-MODEL_HEADER = "x-mlxgate-model"
-# The client's `thinking` setting, as sent: LiteLLM drops `adaptive` for models it does not know.
-THINKING_HEADER = "x-mlxgate-thinking"
-
 
 class WrapperError(MlxgateError):
     """The wrapper answered with an error; `status` and `kind` say which."""

@@ -204,15 +204,17 @@ SETTINGS: tuple[Setting, ...] = (
             "Largest request body the proxy accepts; larger ones get 413.", "32M"),
     Setting("max_queue", _positive_int, 16, "MLXGATE_MAX_QUEUE",
             "Requests that may wait per model server; more get 529 (Anthropic) or 503 (OpenAI).", "16"),
-    Setting("max_parallel", _positive_int, 1, "MLXGATE_MAX_PARALLEL",
+    Setting("max_parallel", _positive_int, 8, "MLXGATE_MAX_PARALLEL",
             "Requests a model server works on at once (more lets mlx_lm batch them).", "1"),
     Setting("drain_timeout", _seconds, 120, "MLXGATE_DRAIN_TIMEOUT",
             "Seconds a model switch waits for the current model's requests before ending them.", "120"),
-    Setting("stall_timeout", _seconds, 180, "MLXGATE_STALL_TIMEOUT",
+    Setting("stall_timeout", _seconds, 30, "MLXGATE_STALL_TIMEOUT",
             "Seconds a model server may go without sending anything while it has work; then it is "
             "restarted with the same model and its requests get an error.", "180"),
     Setting("server_args", _text_list, [], None,
             "Extra command-line arguments for every mlx_lm.server (e.g. --kv-bits 8).", "[]"),
+    Setting("litellm", lambda v: dict(v or {}), {}, None,
+            "Deployments that are not local, served by LiteLLM in the proxy program.", "{}"),
     Setting("detailed_debug", _boolean, False, "DETAILED_DEBUG",
             "Log each request as the hooks changed it (API keys are always redacted).", "false"),
 )
@@ -249,6 +251,7 @@ class Config:
     drain_timeout: float
     stall_timeout: float
     server_args: tuple[str, ...]
+    litellm: dict
     detailed_debug: bool
     home: Path = field(default=DEFAULT_HOME.expanduser())
     source: Path | None = None

@@ -1,36 +1,17 @@
-"""Built-in plugin: make sure the routed model is loaded, by asking the wrapper.
+"""Built-in plugin: make sure the routed local model can be loaded, before anything is sent.
 
-The wrapper's load call returns at once when the model is already serving, and
-otherwise blocks until the model answers (or fails to load).
+It finds the model folder and checks it as a load would (config, weight headers; the
+verdict is remembered while the files stay the same): an unknown model is a 404, a broken
+one a 503 that tells clients not to retry. It does not load: the relay loads the model
+inside its queue when the request's turn comes.
 """
 
-from mlxgate.client import WrapperClient, WrapperError
-from mlxgate.errors import RequestRejected
+from mlxgate.catalog import for_config
 from mlxgate.hookspecs import hookimpl
-
-_clients: dict[tuple, WrapperClient] = {}
-
-
-def _client(config) -> WrapperClient:
-    key = (config.wrapper_url, config.api_key)
-    if key not in _clients:
-        _clients[key] = WrapperClient(config.wrapper_url, config.api_key,
-                                      timeout=config.load_timeout + 30)
-    return _clients[key]
 
 
 @hookimpl(trylast=True)
 def mlxgate_ensure_loaded(ctx):
-    try:
-        _client(ctx.config).load(ctx.target.model, ctx.target.server)
-    except WrapperError as exc:
-        if exc.kind == "wrapper_down":
-            raise RequestRejected(503, f"the MLX wrapper is not running at {ctx.config.wrapper_url}, so "
-                                  f"no model can answer. Check `mlxgate status`.", "unavailable") from None
-        if exc.status in (400, 404):
-            kind = "not_found" if exc.status == 404 else "invalid_request"
-            raise RequestRejected(exc.status, str(exc), kind) from None
-        if exc.status == 504 or exc.kind == "timeout":
-            raise RequestRejected(503, str(exc), "unavailable") from None
-        raise RequestRejected(500, str(exc), "api_error") from None
+    if ctx.target.local:
+        for_config(ctx.config).servable(ctx.target.model)
     return True

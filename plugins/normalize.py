@@ -1,12 +1,14 @@
 """Built-in plugin: model-name normalization.
 
-Rules, in order: `fixed_model` answers everything; the autocomplete alias goes to the
+Rules, in order: a name the config's `litellm:` section lists goes to that LiteLLM
+deployment; `fixed_model` answers everything else; the autocomplete alias goes to the
 autocomplete model; `aliases` from the config; `model_routes` patterns (default:
 `*haiku*` → the autocomplete model); other Anthropic-style (`claude-*`) and OpenAI-style
 (`gpt-*`) names go to `default_model`; any other name is a local model name (provider
-prefixes and `mlx-community/` forms are resolved by the wrapper). Hosted names are
+prefixes and `mlx-community/` forms are resolved with the catalog). Hosted names are
 matched without their suffixes: `claude-opus-4-8[1m]`, dated ids and `-latest` all work.
-A name that means the autocomplete model is served by the autocomplete server.
+A name that means the autocomplete model is served by the autocomplete server. Names
+are checked (length, characters) before anything else looks at them.
 """
 
 import fnmatch
@@ -14,7 +16,7 @@ import re
 
 from mlxgate import names
 from mlxgate.errors import RequestRejected, UnsafeModelName
-from mlxgate.hookspecs import Target, hookimpl
+from mlxgate.hookspecs import LITELLM, Target, hookimpl
 
 HOSTED_PREFIXES = ("claude-", "gpt-")
 
@@ -37,12 +39,25 @@ def _route(config, name: str) -> str | None:
     return None
 
 
+def _deployment(config, name: str) -> str | None:
+    """The `litellm:` deployment (its model_name, shell-style patterns allowed) for a name."""
+    for entry in (config.litellm or {}).get("model_list") or ():
+        pattern = entry["model_name"]
+        if name == pattern or ("*" in pattern and fnmatch.fnmatchcase(name, pattern)):
+            return name
+    return None
+
+
 @hookimpl(trylast=True)
 def mlxgate_resolve_model(ctx):
     config = ctx.config
-    requested = (ctx.requested_model or "").strip()
+    requested = ctx.requested_model.strip()
+    if requested and _deployment(config, requested):
+        return Target(requested, LITELLM)
     if config.fixed_model:
         return Target(config.fixed_model, "dynamic")
+    if not requested:
+        raise RequestRejected(400, "model: Field required (a model name; `mlxgate models` lists them)")
     if config.autocomplete_alias and requested == config.autocomplete_alias:
         if not config.autocomplete_model:
             raise RequestRejected(404, f"model {requested!r} is the autocomplete alias, but no "

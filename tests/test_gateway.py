@@ -181,7 +181,9 @@ def test_unknown_model_is_not_found_in_both_shapes(gateway):
     for path, request in (("/v1/chat/completions", body), ("/v1/completions", completion)):
         error = _openai_error(_post(gateway, path, request, header="authorization"), 404)
         assert error["code"] == "model_not_found"
-        assert error["message"].startswith("model 'no-such-model' not found in "), error["message"]
+        assert error["message"].startswith("model 'no-such-model' not found among the local models"), \
+            error["message"]
+        assert str(gateway.home) not in error["message"] and "/" not in error["message"].split("`")[0]
     with pytest.raises(anthropic.NotFoundError):
         claude(gateway).messages.create(model="no-such-model", **MESSAGE)
     with pytest.raises(openai.NotFoundError):

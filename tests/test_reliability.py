@@ -157,7 +157,8 @@ def test_eight_concurrent_clients_are_all_answered(gw):
 
 
 def test_a_full_queue_answers_529_and_503_at_once_and_status_shows_it(gw):
-    streams = [open_anthropic_stream(gw) for _ in range(1 + MAX_QUEUE)]  # one running, the rest waiting
+    running = dynamic(gw)["queue"]["max_parallel"]
+    streams = [open_anthropic_stream(gw) for _ in range(running + MAX_QUEUE)]  # batched, then waiting
     try:
         wait_for(lambda: dynamic(gw)["queue"]["queued"] == MAX_QUEUE, 30, what="the queue to fill")
         started = time.monotonic()
@@ -305,10 +306,14 @@ def test_a_battery_of_malformed_requests_gets_4xx_everywhere_and_nothing_dies(gw
                         else "error" in r.json()
                     if not (400 <= r.status_code < 500 and shape_ok):
                         failures.append((name, base, path, r.status_code, r.text[:200]))
+            relay_headers = {"authorization": f"Bearer {gw.api_key}"}
+            if name.startswith("model "):  # the relay answers with the model the proxy names in a header
+                model = json.loads(body)["model"]
+                relay_headers["x-mlxgate-model"] = model if isinstance(model, str) else str(model)
             for path in ("/backends/dynamic/v1/messages", "/backends/dynamic/v1/chat/completions", "/models/load"):
                 try:
                     r = http_client.post(f"http://127.0.0.1:{gw.wrapper_port}{path}", content=body,
-                                         headers={"authorization": f"Bearer {gw.api_key}"})
+                                         headers=relay_headers)
                 except httpx.HTTPError as exc:
                     failures.append((name, "wrapper", path, repr(exc)))
                     continue

@@ -147,25 +147,34 @@ def test_token_cap_lowers_and_sets():
     pm = make_manager(entry_points=False)
     for data, expected in (({"max_tokens": 5000}, {"max_tokens": 100}), ({}, {"max_tokens": 100}),
                            ({"max_tokens": 7}, {"max_tokens": 7}),
-                           ({"max_completion_tokens": 900}, {"max_completion_tokens": 100})):
+                           ({"max_completion_tokens": 900}, {"max_completion_tokens": 100}),
+                           ({"max_tokens": 10 ** 30}, {"max_tokens": 10 ** 30}),  # invalid: left to the checks
+                           ({"max_tokens": "9"}, {"max_tokens": "9"})):
         ctx = CallContext("chat_completions", "x", dict(data), config)
         pm.hook.mlxgate_pre_call(ctx=ctx)
         assert ctx.data == expected
 
 
 # ---------------------------------------------------------------- generated config and environment
-def test_generated_litellm_config_routes_names_and_sets_what_mlx_needs(tmp_path):
-    config = load_config(tmp_path / "none.yaml", env={"MLXGATE_HOME": str(tmp_path)},
-                         overrides={"wrapper_url": "http://127.0.0.1:12401"})
+CLOUD = {"model_list": [{"model_name": "claude-cloud", "litellm_params": {
+    "model": "anthropic/claude-opus-4-8", "api_key": "os.environ/ANTHROPIC_API_KEY"}}],
+    "router_settings": {"fallbacks": [{"claude-cloud": ["claude-other"]}]}}
+
+
+def test_litellm_is_configured_only_for_the_deployments_of_the_litellm_section(tmp_path):
+    env = {"MLXGATE_HOME": str(tmp_path)}
+    assert litellm_config.write(load_config(tmp_path / "none.yaml", env=env)) is None, "no section: no LiteLLM"
+    config = load_config(tmp_path / "none.yaml", env=env, overrides={"litellm": CLOUD})
     data = yaml.safe_load(litellm_config.write(config).read_text())
-    routes = {m["model_name"]: m["litellm_params"]["api_base"] for m in data["model_list"]}
-    relay = "http://127.0.0.1:12401/backends"
-    assert routes["claude-*"] == routes["gpt-*"] == routes["*"] == f"{relay}/dynamic/v1"
-    assert routes["autocomplete"] == f"{relay}/autocomplete/v1"
-    assert all("/v1/messages" in m["model_info"]["supported_endpoints"] for m in data["model_list"])
-    assert data["litellm_settings"]["use_chat_completions_url_for_anthropic_messages"] is True
-    assert data["litellm_settings"]["callbacks"] == ["mlxgate.proxy.bridge.bridge"]
-    assert data["general_settings"]["master_key"] == "os.environ/MLXGATE_API_KEY"
+    assert data["model_list"] == CLOUD["model_list"] and data["router_settings"] == CLOUD["router_settings"]
+    assert "callbacks" not in data["litellm_settings"], "the hooks run once, in the edge"
+    assert data["general_settings"]["master_key"] == "os.environ/MLXGATE_LITELLM_KEY"
+
+
+def test_names_the_litellm_section_lists_go_to_litellm_before_the_catch_all():
+    target = _route("claude-cloud", default_model="tiny-a", litellm=CLOUD)
+    assert (target.model, target.server) == ("claude-cloud", "litellm")
+    assert _route("claude-opus-4-8", default_model="tiny-a", litellm=CLOUD).server == "dynamic"
 
 
 def test_program_environment_carries_the_effective_settings(tmp_path):

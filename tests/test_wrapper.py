@@ -6,12 +6,22 @@ import concurrent.futures
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 import requests
 
-from support import Wrapper, chat, pid_alive, port_open, wait_for
+from support import Wrapper, free_port, pid_alive, port_open, wait_for
+
+
+def chat(wrapper, text: str = "hello", max_tokens: int = 8, server: str = "dynamic", **extra) -> dict:
+    """A chat completion through the wrapper's relay (the model servers answer it alone)."""
+    response = wrapper.call("POST", f"/backends/{server}/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens, **extra})
+    assert response.status_code == 200, response.text
+    return response.json()
 
 
 def test_load_a_model_and_it_answers(wrapper):
@@ -20,7 +30,7 @@ def test_load_a_model_and_it_answers(wrapper):
     status = response.json()
     assert status["state"] == "ready" and status["model"] == "tiny-a"
     assert status["port"] == wrapper.dynamic_port and pid_alive(status["pid"])
-    answer = chat(wrapper.dynamic_port, "Say hello", max_tokens=5)
+    answer = chat(wrapper, "Say hello", max_tokens=5)
     assert answer["usage"]["completion_tokens"] == 5
     print(f"\nload tiny-a: {status['load_seconds']} s")
 
@@ -34,7 +44,7 @@ def test_switch_a_to_b_to_a(wrapper):
         assert status["model"] == name
         seen.append((name, status["pid"], status["load_seconds"]))
         # the dynamic server really serves that model now (tiny-b has 3 layers, tiny-a 2)
-        assert chat(wrapper.dynamic_port, max_tokens=2)["usage"]["completion_tokens"] == 2
+        assert chat(wrapper, max_tokens=2)["usage"]["completion_tokens"] == 2
         models = {m["name"]: m for m in wrapper.call("GET", "/models").json()["models"]}
         assert [s["role"] for s in models[name]["servers"] if s["state"] == "ready"][:1] == ["dynamic"] \
             or name == "tiny-a"
@@ -75,7 +85,7 @@ def test_a_load_of_another_model_waits_its_turn(wrapper):
     last = max(finished, key=finished.get)
     final = wrapper.servers()["dynamic"]
     assert final["state"] == "ready" and final["model"] == last, "the later load won, none was lost"
-    assert chat(wrapper.dynamic_port, max_tokens=1)["choices"]
+    assert chat(wrapper, max_tokens=1)["choices"]
 
 
 def test_unload_stops_the_dynamic_server(wrapper):
@@ -89,8 +99,8 @@ def test_unload_stops_the_dynamic_server(wrapper):
 
 def test_autocomplete_server_answers_completions(wrapper):
     wait_for(lambda: wrapper.servers()["autocomplete"]["state"] == "ready", 60, what="autocomplete")
-    response = requests.post(f"http://127.0.0.1:{wrapper.autocomplete_port}/v1/completions", timeout=60,
-                             json={"prompt": "def add(a, b):", "max_tokens": 4})
+    response = wrapper.call("POST", "/backends/autocomplete/v1/completions",
+                            json={"prompt": "def add(a, b):", "max_tokens": 4})
     assert response.status_code == 200
     body = response.json()
     assert body["object"] == "text_completion" and body["usage"]["completion_tokens"] == 4
@@ -101,9 +111,9 @@ def test_unknown_model_is_a_clear_404_and_the_current_model_keeps_serving(wrappe
     response = wrapper.load("no-such-model")
     assert response.status_code == 404
     error = response.json()["error"]
-    assert error["type"] == "model_not_found" and "no-such-model" in error["message"]
+    assert error["code"] == "model_not_found" and "no-such-model" in error["message"]
     assert wrapper.servers()["dynamic"]["pid"] == pid
-    assert chat(wrapper.dynamic_port, max_tokens=1)["choices"]
+    assert chat(wrapper, max_tokens=1)["choices"]
 
 
 @pytest.mark.parametrize("name", ["../tiny-a", "/etc/passwd", "org/../../x", "~/models/tiny-a",
@@ -115,35 +125,83 @@ def test_names_that_escape_the_model_directories_are_refused(wrapper, models_dir
         (models_dir / name).symlink_to(outside / "tiny-c")
     response = wrapper.load(name)
     assert response.status_code == 400, response.text
-    assert response.json()["error"]["type"] == "invalid_model_name"
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and "not allowed" in error["message"]
+    assert str(models_dir) not in error["message"], "no path of this machine in an answer"
 
 
 def test_garbage_weights_fail_fast_and_the_previous_model_keeps_serving(wrapper):
     pid = wrapper.load("tiny-a").json()["pid"]
     response = wrapper.load("broken-garbage")
-    assert response.status_code == 502
+    assert response.status_code == 503 and response.headers["x-should-retry"] == "false"
     message = response.json()["error"]["message"]
     assert "broken-garbage" in message and "model.safetensors" in message
     assert "'tiny-a' is still serving" in message
     assert wrapper.servers()["dynamic"]["pid"] == pid, "never stopped"
-    assert chat(wrapper.dynamic_port, max_tokens=1)["choices"]
+    assert chat(wrapper, max_tokens=1)["choices"]
 
 
 def test_weights_that_do_not_fit_fail_and_the_previous_model_serves_again(wrapper):
     wrapper.load("org/tiny-b")
     response = wrapper.load("broken-shapes")
-    assert response.status_code == 502
+    assert response.status_code == 503 and response.headers["x-should-retry"] == "false"
     error = response.json()["error"]
-    assert error["type"] == "model_load_failed"
+    assert error["code"] == "model_load_failed"
     assert "broken-shapes" in error["message"] and "shape" in error["message"].lower()
     assert "'org/tiny-b' is serving again" in error["message"]
     dynamic = wrapper.servers()["dynamic"]
     assert dynamic["state"] == "ready" and dynamic["model"] == "org/tiny-b"
-    assert chat(wrapper.dynamic_port, max_tokens=1)["choices"]
+    assert chat(wrapper, max_tokens=1)["choices"]
+
+
+def test_a_model_server_answers_the_relay_alone(wrapper):
+    """Straight to the model server's port, past the queue and the cap: refused. Through the
+    relay, a body naming another model is answered by the model the wrapper loaded."""
+    status = wrapper.load("tiny-a").json()
+    request = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for headers in ({}, {"Authorization": "Bearer guess"}):
+        direct = requests.post(f"http://127.0.0.1:{wrapper.dynamic_port}/v1/chat/completions", json=request,
+                               headers=headers, timeout=30)
+        assert direct.status_code == 403 and "relay only" in direct.json()["error"]
+    assert requests.get(f"http://127.0.0.1:{wrapper.dynamic_port}/v1/models", timeout=30).status_code == 403
+    answer = chat(wrapper, max_tokens=2, model="org/tiny-b", adapters="x", draft_model="org/tiny-b")
+    assert answer["usage"]["completion_tokens"] == 2
+    after = wrapper.servers()["dynamic"]
+    assert (after["model"], after["pid"], after["loads"]) == ("tiny-a", status["pid"], status["loads"])
+
+
+def test_a_model_server_never_loads_another_model(models_dir, tmp_path):
+    """The model server itself, given its secret, refuses a request naming another model folder
+    (mlx_lm.server alone would drop its model and load that one)."""
+    port = free_port()
+    log = (tmp_path / "server.log").open("wb")
+    server = subprocess.Popen([sys.executable, "-m", "mlxgate.wrapper.model_process", "--model",
+                               str(models_dir / "tiny-a"), "--port", str(port)], stdin=subprocess.PIPE,
+                              stdout=log, stderr=subprocess.STDOUT)
+    try:
+        server.stdin.write(b"s3cret\n")
+        server.stdin.flush()
+        auth = {"Authorization": "Bearer s3cret"}
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        ask = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        wait_for(lambda: port_open(port), 60, what="the model server to listen")
+        before = wait_for(lambda: requests.post(url, json=ask, headers=auth, timeout=60).json(), 60,
+                          what="a first answer")["choices"][0]["message"]["content"]
+        for other in ({"model": str(models_dir / "org" / "tiny-b")}, {"adapters": str(models_dir / "tiny-c")},
+                      {"draft_model": str(models_dir / "org" / "tiny-b")}):
+            refused = requests.post(url, json={**ask, **other}, headers=auth, timeout=60)
+            assert refused.status_code >= 400, refused.text
+            assert f"serves {models_dir / 'tiny-a'} only" in refused.json()["error"]
+        same = requests.post(url, json=ask, headers=auth, timeout=60).json()  # temperature 0: same model, same text
+        assert same["choices"][0]["message"]["content"] == before
+    finally:
+        server.kill()
+        server.wait()
+        log.close()
 
 
 @pytest.mark.parametrize("body, problem", [
-    (b"{not json", "JSON object"),
+    (b"{not json", "not valid JSON"),
     (b"[1, 2]", "JSON object"),
     (b'{"server": "dynamic"}', "`model` is required"),
     (b'{"model": 42}', "`model` is required"),
@@ -156,10 +214,11 @@ def test_bad_requests_to_the_management_api_get_json_errors(wrapper, body, probl
 
 
 def test_unknown_route_and_oversize_body_are_json_errors(wrapper):
-    assert wrapper.call("GET", "/nope").json()["error"]["type"] == "not_found"
+    nope = wrapper.call("GET", "/nope")
+    assert nope.status_code == 404 and "Not Found" in nope.json()["error"]["message"]
     response = wrapper.call("POST", "/models/load", data=b"{" + b" " * 100_000 + b"}",
                             headers={"Content-Type": "application/json"})
-    assert response.status_code == 413 and response.json()["error"]["type"] == "request_too_large"
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
 
 
 @pytest.mark.parametrize("key", [None, "wrong-key"])

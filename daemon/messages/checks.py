@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 
-from ..errors import RequestRejected
+from ..errors import invalid
 
+__all__ = ["MAX_TOKENS_LIMIT", "check_number", "check_token_limit", "invalid", "shown"]
 
-def invalid(message: str) -> RequestRejected:
-    return RequestRejected(400, message, "invalid_request")
+MAX_TOKENS_LIMIT = 2 ** 31  # both APIs take a 32-bit signed integer
 
 
 def shown(value) -> str:
@@ -26,4 +26,18 @@ def check_number(body: dict, key: str, low: float, high: float | None = None) ->
     if value < low or (high is not None and value > high):
         bound = f"between {low:g} and {high:g}" if high is not None else f"greater than or equal to {low:g}"
         raise invalid(f"{key}: Input should be {bound}, got {value}")
+    return value
+
+
+def check_token_limit(body: dict, key: str) -> int | None:
+    """`body[key]` if absent or an integer from 1 to MAX_TOKENS_LIMIT - 1; else a 400 naming the field."""
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise invalid(f"{key}: Input should be a valid integer, got {shown(value)}")
+    if value < 1:
+        raise invalid(f"{key}: Input should be greater than or equal to 1, got {value}")
+    if value >= MAX_TOKENS_LIMIT:
+        raise invalid(f"{key}: Input should be less than {MAX_TOKENS_LIMIT}, got {value}")
     return value

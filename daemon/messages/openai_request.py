@@ -4,31 +4,16 @@ which answers some bad values with a closed socket or a 404, and accepts others
 
 from __future__ import annotations
 
-from ..names import check_safe, strip_provider
-from .checks import check_number, invalid, shown
+from .checks import check_number, check_token_limit, invalid, shown
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
-MAX_TOKENS_LIMIT = 2 ** 31
 
 
 def check_common(body: dict) -> None:
-    """Fields both routes share: model name, token limits, sampling numbers, stream flag."""
-    model = body.get("model")
-    if model is not None:
-        if not isinstance(model, str):
-            raise invalid(f"model: Input should be a string, got {shown(model)}")
-        try:
-            check_safe(strip_provider(model))
-        except Exception as exc:
-            raise invalid(str(exc)) from None
+    """Fields both routes share: token limits, sampling numbers, stream flag. (The model
+    name is the hooks' business: the proxy checks it before routing.)"""
     for key in ("max_tokens", "max_completion_tokens"):
-        value = body.get(key)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise invalid(f"{key}: Input should be a valid integer, got {shown(value)}")
-        if not 1 <= value < MAX_TOKENS_LIMIT:
-            raise invalid(f"{key}: Input should be between 1 and {MAX_TOKENS_LIMIT - 1}, got {value}")
+        check_token_limit(body, key)
     for key, low, high in (("temperature", 0, 2), ("top_p", 0, 1), ("top_k", -1, None), ("min_p", 0, 1),
                            ("presence_penalty", -2, 2), ("frequency_penalty", -2, 2),
                            ("repetition_penalty", 0, None)):

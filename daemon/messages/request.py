@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 
 from ..errors import RequestRejected
-from .checks import check_number, invalid
+from .checks import check_number, check_token_limit, invalid
 
 ROLES = ("user", "assistant", "system")
 IGNORED_BLOCKS = ("thinking", "redacted_thinking")
@@ -143,15 +143,9 @@ def _tools(body: dict) -> list[dict] | None:
 
 def to_chat(body: dict) -> ChatRequest:
     """Check an Anthropic Messages body and translate it. Raises `RequestRejected` (400)."""
-    if "max_tokens" not in body:
+    max_tokens = check_token_limit(body, "max_tokens")
+    if max_tokens is None:
         raise invalid("max_tokens: Field required")
-    max_tokens = body["max_tokens"]
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
-        raise invalid(f"max_tokens: Input should be a valid integer, got {json.dumps(max_tokens)[:40]}")
-    if max_tokens < 1:
-        raise invalid(f"max_tokens: Input should be greater than or equal to 1, got {max_tokens}")
-    if max_tokens >= 2 ** 31:
-        raise invalid(f"max_tokens: Input should be less than {2 ** 31}, got {max_tokens}")
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise invalid(f"model: Input should be a string, got {json.dumps(model)[:40]}")

@@ -6,7 +6,8 @@ active at once, granted in arrival order), and gives it back when done. When
 a client never hangs on a full gateway. A model switch `drain`s: no new turns are
 granted, the active tickets may finish within a timeout, and those still running
 after it are cancelled with a reason the client is shown. Each active ticket
-records when its backend last sent something; the watchdog reads that.
+records when its backend last sent something; the watchdog reads that. Several tickets
+run at once by default: the model server batches them.
 """
 
 from __future__ import annotations
@@ -15,22 +16,16 @@ import itertools
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
-
-class Overloaded(Exception):
-    """The queue is full; `retry_after` is a hint in seconds."""
-
-    def __init__(self, message: str, retry_after: int = 5):
-        super().__init__(message)
-        self.retry_after = retry_after
+from ..errors import Overloaded
 
 
 @dataclass(eq=False)
 class Ticket:
     seq: int
     route: str
-    model: str
+    model: Any  # what the request must be answered by (the relay's `LocalModel`)
     joined: float
     clock: Callable[[], float]
     granted: float | None = None
@@ -57,7 +52,7 @@ class Ticket:
 
     def describe(self) -> dict:
         now = self.clock()
-        return {"id": self.seq, "route": self.route, "model": self.model,
+        return {"id": self.seq, "route": self.route, "model": getattr(self.model, "name", self.model),
                 "waited_s": round((self.granted or now) - self.joined, 3),
                 "running_s": round(now - self.granted, 3) if self.granted else None,
                 "idle_s": round(now - self.last_progress, 3) if self.last_progress else None}
@@ -78,7 +73,7 @@ class Admission:
         self.served = 0
         self.refused = 0
 
-    def join(self, route: str, model: str) -> Ticket:
+    def join(self, route: str, model: Any) -> Ticket:
         with self._cond:
             if len(self._waiting) >= self.max_queue:
                 self.refused += 1
@@ -151,10 +146,13 @@ class Admission:
             ticket.cancel(reason)
         return active
 
-    def stalled(self, after: float) -> list[Ticket]:
+    def quiet(self, after: float) -> bool:
+        """True when requests are running and none has received anything for `after` seconds
+        (several run at once in one model server: one that progresses shows it is alive)."""
         now = self.clock()
         with self._cond:
-            return [t for t in self._active if t.last_progress is not None and now - t.last_progress > after]
+            last = [t.last_progress for t in self._active if t.last_progress is not None]
+            return bool(last) and now - max(last) > after
 
     def status(self) -> dict:
         with self._cond:

@@ -1,8 +1,10 @@
-"""The management API (Flask): list, load and unload models.
+"""The wrapper's HTTP API (Flask): the management routes (list, load, unload models) and
+the relay's routes (`/backends/...`, see `relay`).
 
-Errors are JSON: ``{"error": {"type": ..., "message": ...}}`` with a matching status.
-When an API key is configured every route but ``/health`` requires
-``Authorization: Bearer KEY``.
+Errors are shaped by the one table (`api_errors`): the relay's Anthropic routes in
+Anthropic's shape, everything else in OpenAI's ``{"error": {"message", "type", "code"}}``.
+When an API key is configured every route but ``/health`` requires it
+(``Authorization: Bearer KEY`` or ``x-api-key``).
 """
 
 from __future__ import annotations
@@ -10,30 +12,30 @@ from __future__ import annotations
 import hmac
 import logging
 
-from flask import Flask, jsonify, request
+from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from ..errors import ModelLoadFailed, ModelLoadTimeout, UnknownModel, UnsafeModelName
+from ..api_errors import ANTHROPIC, OPENAI, error_response, exception_response
+from ..errors import MlxgateError, invalid
+from ..json_body import parse_object
 from .fleet import Fleet
 from .relay import register as register_relay
 
 log = logging.getLogger("mlxgate.wrapper")
 
 MANAGEMENT_BODY = 64 * 1024  # /models/...; the relay (/backends/...) takes up to max_body
-
-# Most specific first: ModelLoadTimeout is a ModelLoadFailed.
-_ERRORS = (
-    (UnsafeModelName, 400, "invalid_model_name"),
-    (UnknownModel, 404, "model_not_found"),
-    (ModelLoadTimeout, 504, "model_load_timeout"),
-    (ModelLoadFailed, 502, "model_load_failed"),
-)
+HTTP_KINDS = {401: "authentication", 404: "not_found", 405: "invalid_request", 413: "request_too_large"}
 
 
-def error(status: int, kind: str, message: str):
-    response = jsonify({"error": {"type": kind, "message": message}})
-    response.status_code = status
-    return response
+def _api() -> str:
+    path = request.path
+    if path.startswith("/backends/") and "/v1/messages" in path:
+        return ANTHROPIC
+    return OPENAI
+
+
+def _reply(status: int, headers: list, body: bytes) -> Response:
+    return Response(body, status=status, headers=headers)
 
 
 def create_app(fleet: Fleet, api_key: str | None = None) -> Flask:
@@ -44,8 +46,8 @@ def create_app(fleet: Fleet, api_key: str | None = None) -> Flask:
     @app.before_request
     def small_management_bodies():
         if not request.path.startswith("/backends/") and (request.content_length or 0) > MANAGEMENT_BODY:
-            return error(413, "request_too_large", f"a management request body is limited to "
-                                                   f"{MANAGEMENT_BODY} bytes")
+            return _reply(*error_response(OPENAI, "request_too_large",
+                                          f"a management request body is limited to {MANAGEMENT_BODY} bytes"))
         return None
 
     @app.before_request
@@ -56,24 +58,21 @@ def create_app(fleet: Fleet, api_key: str | None = None) -> Flask:
         given = header[7:].strip() if header.lower().startswith("bearer ") else ""
         given = given or request.headers.get("x-api-key", "")
         if not hmac.compare_digest(given.encode(), api_key.encode()):
-            return error(401, "authentication_error",
-                         "missing or wrong API key: send `Authorization: Bearer <key>` "
-                         "(the key is MLXGATE_API_KEY or the api_key file in the runtime folder)")
+            return _reply(*error_response(_api(), "authentication",
+                                          "missing or wrong API key: send `Authorization: Bearer <key>` (the key "
+                                          "is MLXGATE_API_KEY or the api_key file in the runtime folder)"))
         return None
 
     def body() -> dict:
         try:
-            data = request.get_json(silent=True)
-        except RecursionError:
-            data = None
-        if not isinstance(data, dict):
-            raise _BadRequest("the request body must be a JSON object, e.g. {\"model\": \"tiny-a\"}")
-        return data
+            return parse_object(request.get_data(cache=True))
+        except ValueError as exc:
+            raise invalid(f"{exc}, e.g. {{\"model\": \"tiny-a\"}}") from None
 
     def role_of(data: dict) -> str:
         role = data.get("server", "dynamic")
         if role not in fleet.servers:
-            raise _BadRequest(f"server must be one of {sorted(fleet.servers)}, got {role!r}")
+            raise invalid(f"server must be one of {sorted(fleet.servers)}, got {role!r}")
         return role
 
     @app.get("/health")
@@ -90,7 +89,7 @@ def create_app(fleet: Fleet, api_key: str | None = None) -> Flask:
         data = body()
         name = data.get("model")
         if not isinstance(name, str) or not name.strip():
-            raise _BadRequest("`model` is required: the name of a model from GET /models")
+            raise invalid("`model` is required: the name of a model from GET /models")
         return jsonify(fleet.load(name, role_of(data)))
 
     @app.post("/models/unload")
@@ -100,33 +99,20 @@ def create_app(fleet: Fleet, api_key: str | None = None) -> Flask:
 
     register_relay(app, fleet)
 
-    @app.errorhandler(_BadRequest)
-    def bad_request(exc):
-        return error(400, "invalid_request", str(exc))
-
-    for exc_type, status, kind in _ERRORS:
-        app.register_error_handler(exc_type, _handler(status, kind))
+    @app.errorhandler(MlxgateError)
+    def refused(exc: MlxgateError):
+        log.warning("%s %s: %s", request.method, request.path, exc)
+        return _reply(*exception_response(_api(), exc))
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
-        kinds = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
-        return error(exc.code or 500, kinds.get(exc.code, "invalid_request"),
-                     f"{exc.name}: {exc.description}")
+        kind = HTTP_KINDS.get(exc.code or 500, "invalid_request" if (exc.code or 500) < 500 else "api_error")
+        return _reply(*error_response(_api(), kind, f"{exc.name}: {exc.description}", exc.code))
 
     @app.errorhandler(Exception)
     def internal(exc: Exception):
         log.exception("unexpected error in %s %s", request.method, request.path)
-        return error(500, "internal_error", f"{type(exc).__name__}: {exc}")
+        return _reply(*error_response(_api(), "api_error", f"internal error ({type(exc).__name__}); "
+                                                           f"see `mlxgate logs wrapper`"))
 
     return app
-
-
-class _BadRequest(Exception):
-    pass
-
-
-def _handler(status: int, kind: str):
-    def handle(exc: Exception):
-        log.warning("%s %s -> %s: %s", request.method, request.path, status, exc)
-        return error(status, kind, str(exc))
-    return handle

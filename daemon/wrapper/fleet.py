@@ -7,8 +7,9 @@ import logging
 import threading
 import time
 
-from ..catalog import Catalog, LocalModel
+from ..catalog import Catalog, LocalModel, for_config
 from ..config import Config
+from ..errors import Unavailable
 from .admission import Admission
 from .model_server import Launcher, ModelServer
 
@@ -24,9 +25,7 @@ class Fleet:
                  launcher: Launcher | None = None):
         self.config = config
         self._stopping = threading.Event()
-        self.catalog = catalog or Catalog(
-            config.model_dirs, config.hf_cache,
-            operator_models=[m for m in (config.default_model, config.autocomplete_model) if m])
+        self.catalog = catalog or for_config(config)
         launcher = launcher or Launcher(config.log_dir, config.server_args)
         self.servers = {
             role: ModelServer(role, port, launcher, config.load_timeout,
@@ -45,6 +44,16 @@ class Fleet:
         server = self.server(role)
         model = self.catalog.resolve(name)
         return server.ensure(model)
+
+    def model(self, role: str, name: str | None):
+        """The local model a request routed to `role` names (the serving one when it names
+        none); resolved from disk only when it is not the one serving."""
+        serving = self.server(role).serving()
+        if name is None or (serving is not None and name == serving.name):
+            if serving is None:
+                raise Unavailable(f"no model is serving on the {role} server. Load one: `mlxgate load NAME`.")
+            return serving
+        return self.catalog.resolve(name)
 
     def unload(self, role: str = "dynamic") -> dict:
         return self.server(role).stop()
@@ -96,7 +105,7 @@ class Fleet:
                 cpu_seen[server.role] = (cpu, now)
                 since = now
             quiet_cpu = cpu is not None and now - since > self.config.stall_timeout
-            return bool(server.admission.stalled(self.config.stall_timeout)) and quiet_cpu
+            return server.admission.quiet(self.config.stall_timeout) and quiet_cpu
 
         def watch():
             while not self._stopping.wait(interval):

@@ -1,18 +1,29 @@
-"""Entry point of one model server process: `mlx_lm.server` that dies with its parent
-and stops generating for a client that has gone.
+"""Entry point of one model server process: `mlx_lm.server` that answers the relay alone,
+serves the one model it was started with, dies with its parent and stops generating for
+a client that has gone.
 
-The wrapper starts this module with a pipe on stdin and keeps the write end. When the
-wrapper exits for any reason (SIGKILL included) the kernel closes that pipe, the read
-below returns EOF, and this process exits at once: no model server outlives the
-wrapper. Arguments are passed to `mlx_lm.server` unchanged.
+The wrapper starts this module with a pipe on stdin and keeps the write end. Its first
+line is a secret made for this start: every request must carry it
+(`Authorization: Bearer SECRET`), so no other local process can reach the model past the
+relay's queue and token cap (a process of another user cannot read a pipe's contents,
+unlike an environment variable or a command line). When the wrapper exits for any reason
+(SIGKILL included) the kernel closes the pipe, the read below returns EOF, and this process
+exits at once: no model server outlives the wrapper. Other arguments are passed to
+`mlx_lm.server` unchanged.
+
+`mlx_lm.server` loads whatever model a request names (and drops the one it has); here its
+model provider refuses any model, adapter or draft model but the ones it was started with.
 
 `mlx_lm.server` notices a closed connection only when a write fails, and it writes
 only when it has text to send: while a model writes a tool call, or tokens that are not
 yet text, or for a non-streamed request, it generates to `max_tokens` for nobody.
 `stop_when_client_goes` closes that gap: every quarter second of generation the
-request's own socket is checked, and a closed one stops the generation.
+request's own socket is checked, and a closed one stops that request's generation (the
+others in the same batch go on).
 """
 
+import hmac
+import json
 import os
 import signal
 import sys
@@ -22,6 +33,21 @@ import time
 from mlxgate.net import peer_closed
 
 CHECK_EVERY = 0.25
+DEFAULT = "default_model"  # mlx_lm.server's name for the model given on its command line
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _read_secret() -> str:
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = os.read(0, 1)
+        if not chunk:
+            _die()
+        line += chunk
+    return line.decode().strip()
 
 
 def _exit_when_parent_goes() -> None:
@@ -30,7 +56,41 @@ def _exit_when_parent_goes() -> None:
             pass
     except OSError:
         pass
-    os.kill(os.getpid(), signal.SIGKILL)
+    _die()
+
+
+def admit_only_the_relay(server, secret: str) -> None:
+    """Refuse requests without the secret (403) and requests for any other model."""
+    expected = f"Bearer {secret}".encode()
+    handler = server.APIHandler
+
+    def guard(original):
+        def guarded(self):
+            given = self.headers.get("Authorization", "").encode()
+            if hmac.compare_digest(given, expected):
+                return original(self)
+            body = json.dumps({"error": "this model server answers the mlxgate relay only; send requests "
+                                        "to the gateway"}).encode()
+            self.send_response(403)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        return guarded
+
+    for name in ("do_GET", "do_POST", "do_OPTIONS"):
+        setattr(handler, name, guard(getattr(handler, name)))
+
+    provider = server.ModelProvider
+    original_load = provider.load
+
+    def load(self, model_path, adapter_path=None, draft_model_path=None):
+        if model_path != DEFAULT or adapter_path is not None or draft_model_path not in (None, DEFAULT):
+            raise ValueError(f"this model server serves {self.cli_args.model} only; it loads no other "
+                             f"model, adapter or draft model")
+        return original_load(self, model_path, adapter_path, draft_model_path)
+
+    provider.load = load
 
 
 def stop_when_client_goes(server) -> None:
@@ -68,10 +128,12 @@ def stop_when_client_goes(server) -> None:
 
 
 def main() -> None:
+    secret = _read_secret()
     threading.Thread(target=_exit_when_parent_goes, name="parent-watch", daemon=True).start()
     import mlx_lm.server as server
 
     stop_when_client_goes(server)
+    admit_only_the_relay(server, secret)  # outermost: nothing runs for a request without the secret
     sys.argv = ["mlx_lm.server", *sys.argv[1:]]
     server.main()
 

@@ -118,6 +118,12 @@ class ModelServer:
     def state(self) -> State:
         return self._status.state
 
+    def serving(self) -> LocalModel | None:
+        """The model this server answers with now (None unless it is ready)."""
+        with self._lock:
+            s = self._status
+            return s.model if s.state is State.READY else None
+
     def status(self) -> dict:
         with self._lock:
             s = self._status
@@ -168,7 +174,8 @@ class ModelServer:
                         note = f"{previous.name!r} is serving again"
                     except ModelLoadFailed as again:
                         log.error("%s server: could not restore %s: %s", self.role, previous.name, again)
-                        note = f"{previous.name!r} could not be restored; see {self._log_path()}"
+                        note = (f"{previous.name!r} could not be restored; see "
+                                f"`mlxgate logs {self._log_path().stem}`")
                 raise ModelLoadFailed(self._failure(model, str(exc), note)) from None
             finally:
                 self.admission.resume()
@@ -219,6 +226,7 @@ class ModelServer:
                         self.role, len(left), self.drain_timeout)
 
     def _failure(self, model: LocalModel, reason: str, note: str | None) -> str:
+        reason = reason.replace(str(model.path), model.name)  # clients see names, not this machine's paths
         message = f"model {model.name!r} failed to load on the {self.role} server: {reason}"
         return f"{message}. {note}" if note else message
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -23,6 +24,11 @@ class ServerProcess:
     popen: subprocess.Popen
     log_path: Path
     log_offset: int
+    secret: str = ""  # what a request must carry (`Authorization: Bearer ...`), see `model_process`
+
+    @property
+    def auth_header(self) -> str:
+        return f"Bearer {self.secret}"
 
     @property
     def pid(self) -> int:
@@ -88,8 +94,9 @@ class ServerProcess:
 def launch(model_path: Path, port: int, log_path: Path, extra_args: Sequence[str] = ()) -> ServerProcess:
     """Start `mlx_lm.server` for `model_path` on 127.0.0.1:`port`, tied to this process.
 
-    The child gets a pipe on stdin whose write end only we hold; it exits when the pipe
-    closes, so it cannot outlive us (see `model_process`).
+    The child gets a pipe on stdin whose write end only we hold: its first line is the
+    secret requests must carry; the child exits when the pipe closes, so it cannot outlive
+    us (see `model_process`).
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = log_path.open("ab")
@@ -104,4 +111,7 @@ def launch(model_path: Path, port: int, log_path: Path, extra_args: Sequence[str
                                  env=env, close_fds=True)
     finally:
         log.close()
-    return ServerProcess(popen, log_path, offset)
+    secret = secrets.token_urlsafe(32)
+    popen.stdin.write((secret + "\n").encode())
+    popen.stdin.flush()
+    return ServerProcess(popen, log_path, offset, secret)

@@ -48,7 +48,8 @@ def wait_until_ready(process: ServerProcess, port: int, timeout: float,
         if remaining <= 0:
             raise ModelLoadTimeout(f"not ready after {timeout:g} s (load_timeout)")
         try:
-            response = http.post(url, json=PROBE, timeout=(1.0, max(remaining, 0.1)))
+            response = http.post(url, json=PROBE, timeout=(1.0, max(remaining, 0.1)),
+                                 headers={"Authorization": process.auth_header})
         except requests.ConnectionError:
             time.sleep(RETRY_INTERVAL)
             continue

@@ -1,6 +1,10 @@
 """Run the wrapper under gunicorn: one worker (the model state lives in one process),
 threads for concurrent requests. The fleet is built in the worker and shut down
-with it; the model servers also die with it on SIGKILL (see `model_process`)."""
+with it; the model servers also die with it on SIGKILL (see `model_process`).
+
+Each relay request holds a thread while it waits in its queue or streams, so there are
+threads for every queue place of both servers (running and waiting) and some to spare
+for the management routes: the queue, not gunicorn's backlog, is where requests wait."""
 
 from __future__ import annotations
 
@@ -12,7 +16,11 @@ from ..config import Config
 from .app import create_app
 from .fleet import Fleet
 
-THREADS = 32
+SPARE_THREADS = 16
+
+
+def thread_count(config: Config) -> int:
+    return 2 * (config.max_parallel + config.max_queue) + SPARE_THREADS
 
 
 class WrapperApplication(BaseApplication):
@@ -26,7 +34,7 @@ class WrapperApplication(BaseApplication):
             "bind": f"{self.config.wrapper_host}:{self.config.wrapper_port}",
             "workers": 1,
             "worker_class": "gthread",
-            "threads": THREADS,
+            "threads": thread_count(self.config),
             "timeout": 60,
             "keepalive": 75,
             "graceful_timeout": 10,

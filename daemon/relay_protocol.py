@@ -1,0 +1,17 @@
+"""What the proxy and the wrapper's relay agree on: where a request for a local model
+goes and what it carries besides the client's own body."""
+
+from __future__ import annotations
+
+# Names the local model that must answer (the hooks decided it); absent: the one serving.
+MODEL_HEADER = "x-mlxgate-model"
+
+# The relay's routes, after /backends/<server> (server: dynamic or autocomplete).
+MESSAGES = "/v1/messages"
+COUNT_TOKENS = "/v1/messages/count_tokens"
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+
+
+def relay_path(server: str, api_path: str) -> str:
+    return f"/backends/{server}{api_path}"

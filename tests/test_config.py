@@ -187,11 +187,11 @@ def test_the_api_key_comes_from_the_environment_or_the_key_file(tmp_path):
 
 def test_every_hook_and_command_is_in_the_readme():
     from mlxgate import hookspecs
-    from mlxgate.cli import COMMANDS
+    from mlxgate.cli import cli
 
     readme = (PROJECT_ROOT / "README.md").read_text()
     for name in dir(hookspecs):
         if name.startswith("mlxgate_"):
             assert f"`{name}(ctx)" in readme, f"hook {name} is not documented in README.md"
-    for command in COMMANDS:
+    for command in cli.commands:
         assert f"`mlxgate {command}" in readme, f"command {command} is not documented in README.md"

@@ -163,7 +163,8 @@ def _check_ports(config: Config) -> None:
 
 
 def start(config: Config, use_sudo: bool = False, say: Callable[[str], None] = print,
-          timeout: float = 180.0) -> None:
+          timeout: float = 180.0, flags: dict | None = None) -> None:
+    """Start the daemon; `flags` (given to `mlxgate start`) are saved for its programs and later commands."""
     from ..plugins import make_manager
     from ..proxy import litellm_config
 
@@ -171,6 +172,8 @@ def start(config: Config, use_sudo: bool = False, say: Callable[[str], None] = p
     if supervisor.running():
         raise MlxgateError(f"mlxgate is already running (runtime folder {config.home}). "
                            f"Use `mlxgate restart` or `mlxgate stop` first.")
+    if flags is not None:
+        save_start_options(config, {**flags, "use_sudo": use_sudo})
     make_manager(config.plugin_dirs)  # a broken plugin stops the start here, with file and line
     _check_ports(config)
     config.log_dir.mkdir(parents=True, exist_ok=True)
@@ -325,6 +328,7 @@ def _queue_row(queue: dict) -> tuple[str, str]:
 
 
 def save_start_options(config: Config, options: dict) -> None:
+    config.home.mkdir(parents=True, exist_ok=True)
     (config.home / "start.json").write_text(json.dumps(options))
 
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import importlib.metadata
 import re
+import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -195,3 +199,41 @@ def test_every_hook_and_command_is_in_the_readme():
             assert f"`{name}(ctx)" in readme, f"hook {name} is not documented in README.md"
     for command in cli.commands:
         assert f"`mlxgate {command}" in readme, f"command {command} is not documented in README.md"
+
+
+# ---------------------------------------------------------------- declared dependencies
+def _imported(folders: tuple[str, ...]) -> dict[str, str]:
+    """Top-level modules the folders import from outside the standard library and the project,
+    each with a file that imports it."""
+    ours = {"mlxgate"} | {path.stem for folder in folders for path in (PROJECT_ROOT / folder).glob("*.py")}
+    found: dict[str, str] = {}
+    for folder in folders:
+        for path in sorted((PROJECT_ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                    names = [node.module]
+                else:
+                    continue
+                for top in (name.split(".")[0] for name in names):
+                    if top not in sys.stdlib_module_names and top not in ours:
+                        found.setdefault(top, str(path.relative_to(PROJECT_ROOT)))
+    return found
+
+
+def _distribution(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+@pytest.mark.parametrize("folders, extras", [(("daemon", "plugins"), ()), (("tests", "bench"), ("test",))])
+def test_every_imported_library_is_declared_in_pyproject(folders, extras):
+    project = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + [r for extra in extras for r in project["optional-dependencies"][extra]]
+    declared = {_distribution(re.match(r"[\w.-]+", requirement)[0]) for requirement in requirements}
+    providers = importlib.metadata.packages_distributions()  # import name -> distributions (yaml -> PyYAML)
+    for module, where in _imported(folders).items():
+        candidates = {_distribution(name) for name in providers.get(module, [])}
+        assert candidates, f"{where} imports {module}, which no installed distribution provides"
+        assert candidates & declared, (f"{where} imports {module} (from {', '.join(sorted(candidates))}), "
+                                       f"which pyproject.toml does not declare")

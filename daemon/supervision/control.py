@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import psutil
 import requests
 
 from .. import PROJECT_ROOT
@@ -254,7 +255,7 @@ def stop(config: Config, say: Callable[[str], None] = print, timeout: float = 60
     supervisor = Supervisor(config.home)
     pid = supervisor.pid()
     if not supervisor.running():
-        if pid and _alive(pid):
+        if pid and process_alive(pid):
             os.kill(pid, signal.SIGTERM)
         else:
             return False
@@ -265,23 +266,20 @@ def stop(config: Config, say: Callable[[str], None] = print, timeout: float = 60
         except (OSError, xmlrpc.client.Fault, http.client.HTTPException):
             pass
     deadline = time.monotonic() + timeout
-    while pid and _alive(pid) and time.monotonic() < deadline:
+    while pid and process_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    if pid and _alive(pid):
+    if pid and process_alive(pid):
         raise MlxgateError(f"supervisord (pid {pid}) did not exit within {timeout:g} s")
     return True
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether the process runs; a zombie (exited, not yet reaped) does not."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:  # ZombieProcess included
         return False
-    except PermissionError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-    except (OSError, IndexError):
+    except psutil.AccessDenied:  # someone else's: it exists
         return True
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import importlib.metadata
+import os
 import re
 import sys
 import tomllib
@@ -199,6 +200,25 @@ def test_every_hook_and_command_is_in_the_readme():
             assert f"`{name}(ctx)" in readme, f"hook {name} is not documented in README.md"
     for command in cli.commands:
         assert f"`mlxgate {command}" in readme, f"command {command} is not documented in README.md"
+
+
+def test_installed_plugins_load_unless_the_switch_is_off(tmp_path, monkeypatch):
+    from mlxgate.plugins import make_manager
+
+    (tmp_path / "counting_plugin.py").write_text("import mlxgate\n\n@mlxgate.hookimpl\n"
+                                                 "def mlxgate_pre_call(ctx):\n    ctx.notes['seen'] = True\n")
+    installed = tmp_path / "counting_plugin-1.0.dist-info"
+    installed.mkdir()
+    (installed / "METADATA").write_text("Metadata-Version: 2.1\nName: counting-plugin\nVersion: 1.0\n")
+    (installed / "entry_points.txt").write_text("[mlxgate]\ncounting = counting_plugin\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def loaded() -> bool:
+        return any(name == "counting_plugin" for name, _ in make_manager().list_name_plugin())
+
+    assert os.environ["MLXGATE_LOAD_ENTRY_POINTS"] == "0" and not loaded()  # conftest's guard
+    monkeypatch.setenv("MLXGATE_LOAD_ENTRY_POINTS", "1")
+    assert loaded()
 
 
 # ---------------------------------------------------------------- declared dependencies

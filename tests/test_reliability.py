@@ -34,7 +34,8 @@ def gw(models_dir, tmp_path_factory):
     running = Gateway(tmp_path_factory.mktemp("reliable-home"), models_dir, "--default-model", "tiny-c",
                       max_tokens=100000,
                       extra_env={"MLXGATE_MAX_QUEUE": str(MAX_QUEUE), "MLXGATE_STALL_TIMEOUT": "4",
-                                 "MLXGATE_DRAIN_TIMEOUT": "4", "MLXGATE_MAX_BODY": "1M"})
+                                 "MLXGATE_DRAIN_TIMEOUT": "4", "MLXGATE_MAX_BODY": "1M",
+                                 "MLXGATE_MAX_PARALLEL": "1"})  # the queue tests count one running
     running.start()
     yield running
     running.stop()

@@ -1,9 +1,9 @@
 """Load and validate the gateway configuration.
 
 One YAML file (``config/gateway.yaml`` by default, ``MLXGATE_CONFIG`` to choose
-another) plus environment overrides. Every key is declared once in ``SETTINGS``, and
-``Config`` has one field per setting, derived from it; unknown keys, wrong types and bad values fail at load with a ``ConfigError`` that
-names the file, the key and the fix.
+another) plus environment overrides. Every key is declared once in ``SETTINGS``;
+``Config`` is derived from it, one field per setting. Unknown keys, wrong types and
+bad values fail at load with a ``ConfigError`` that names the file, the key and the fix.
 """
 
 from __future__ import annotations

@@ -2,38 +2,50 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+
+import click
 
 from . import __version__
-from .config import Config, load_config
+from .config import Config, load_config, runtime_home
 from .errors import MlxgateError
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+SERVERS = click.Choice(("dynamic", "autocomplete"))
 
 
-def command(name: str):
-    def register(func):
-        COMMANDS[name] = func
-        return func
-    return register
+class Commands(click.Group):
+    """Runs one command; its return value is the exit code, an `MlxgateError` one line on stderr."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            code = super().invoke(ctx)
+        except MlxgateError as exc:
+            click.echo(f"mlxgate {ctx.invoked_subcommand}: error: {exc}", err=True)
+            code = 1
+        except KeyboardInterrupt:
+            code = 130
+        ctx.exit(code or 0)
 
 
-def _config(args: argparse.Namespace, **overrides) -> Config:
-    """The effective config; commands that talk to a running daemon see its start flags too."""
-    if args.command != "start":
-        from .config import runtime_home
-        from .supervision.control import load_start_options
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="mlxgate", message="%(prog)s %(version)s")
+def cli():
+    """mlxgate: a local LLM gateway serving MLX models behind the Anthropic and OpenAI APIs."""
 
-        saved = load_start_options(runtime_home())
-        saved.pop("use_sudo", None)
-        overrides = {**saved, **{k: v for k, v in overrides.items() if v is not None}}
-    return load_config(overrides=overrides)
+
+def main(argv: list[str] | None = None) -> None:
+    cli.main(args=argv, prog_name="mlxgate")
+
+
+def _config(saved: bool = True, **flags) -> Config:
+    """The effective config: flags given now > environment > flags saved by the last start > file."""
+    from .supervision.control import load_start_options
+
+    return load_config(overrides=flags, start_flags=load_start_options(runtime_home()) if saved else None)
 
 
 def _client(config: Config):
@@ -41,14 +53,188 @@ def _client(config: Config):
     return WrapperClient(config.wrapper_url, config.api_key)
 
 
-# ------------------------------------------------------------------ wrapper
-@command("wrapper")
-def cmd_wrapper(args: argparse.Namespace) -> int:
-    from .wrapper.serve import run
+# ------------------------------------------------------------------ the daemon
+@cli.command()
+@click.option("--port", type=int, help="HTTP proxy port (default 11432)")
+@click.option("--https-port", type=int, help="HTTPS proxy port (default 11433)")
+@click.option("--enable-https", is_flag=True, help="also serve HTTPS with the local CA")
+@click.option("--ssl-domain", help="extra certificate domain, e.g. api.anthropic.com (implies HTTPS)")
+@click.option("--max-tokens", type=int, help="cap on tokens per answer (default 8192)")
+@click.option("--default-model", help="model for claude-*/gpt-* names, loaded at start")
+@click.option("--autocomplete-model", help="small model kept loaded for autocomplete")
+@click.option("--fixed-model", help="serve every requested name with this one model")
+@click.option("--use-sudo", is_flag=True, help="start the listeners through sudo (ports < 1024)")
+@click.option("--download-model", metavar="MODEL", help="download MODEL before starting")
+@click.option("--install-dependencies", is_flag=True, help="run ./install.sh first")
+def start(use_sudo: bool, download_model: str | None, install_dependencies: bool, **flags) -> int:
+    """start the whole gateway under supervisord"""
+    # `flags` holds the options that are config settings, by their keys.
+    from .supervision import control
 
+    if install_dependencies:
+        from . import PROJECT_ROOT
+        print("running ./install.sh --no-service", flush=True)
+        if subprocess.call([str(PROJECT_ROOT / "install.sh"), "--no-service", "--quiet"]) != 0:
+            raise MlxgateError("./install.sh failed; see its output above")
+    if flags["ssl_domain"]:
+        flags["enable_https"] = True
+    flags = {key: value for key, value in flags.items() if value is not None and value is not False}
+    control.ensure_api_key(runtime_home())
+    config = _config(saved=False, **flags)  # this start's flags replace the saved ones
+    if download_model:
+        from .download import download
+        print(f"downloading {download_model}...", flush=True)
+        download(download_model)
+    started = time.monotonic()
+    control.start(config, use_sudo=use_sudo, say=lambda line: print(line, flush=True), flags=flags)
+    print(f"\nmlxgate is running ({time.monotonic() - started:.1f} s):")
+    print(f"  HTTP   {config.http_url}   (Anthropic /v1/messages, OpenAI /v1/chat/completions)")
+    if config.enable_https:
+        print(f"  HTTPS  {config.https_url}   (trust {config.ssl_path / 'ca.pem'})")
+    print(f"  wrapper {config.wrapper_url}")
+    print("Point clients at it: eval \"$(mlxgate env)\"   Stop it: mlxgate stop")
+    return 0
+
+
+@cli.command()
+def stop() -> int:
+    """stop the gateway"""
+    from .supervision import control
+
+    print("mlxgate stopped" if control.stop(_config()) else "mlxgate is not running")
+    return 0
+
+
+@cli.command()
+@click.argument("program", nargs=-1)
+def restart(program: tuple[str, ...]) -> int:
+    """restart the gateway (or only the named programs)
+
+    PROGRAM is wrapper, proxy or proxy_https.
+    """
+    from .supervision import control
+
+    if program:
+        supervisor = control.Supervisor(runtime_home())
+        if not supervisor.running():
+            raise MlxgateError("mlxgate is not running; start it with `mlxgate start`")
+        for name in program:
+            if name not in control.PROGRAMS:
+                raise MlxgateError(f"unknown program {name!r}; expected one of {', '.join(control.PROGRAMS)}")
+            for call in (supervisor.rpc.supervisor.stopProcess, supervisor.rpc.supervisor.startProcess):
+                try:
+                    call(name)
+                except Exception as exc:  # xmlrpc Fault: NOT_RUNNING on stop is fine
+                    if "NOT_RUNNING" not in str(exc):
+                        raise MlxgateError(f"cannot restart {name}: {exc}") from None
+            print(f"{name} restarted")
+        return 0
+    config = _config()
+    use_sudo = control.load_start_options(config.home).get("use_sudo", False)
+    control.stop(config)
+    control.start(config, use_sudo=use_sudo, say=lambda line: print(line, flush=True))
+    print("mlxgate restarted")
+    return 0
+
+
+@cli.command()
+def status() -> int:
+    """show each program and endpoint; non-zero exit when anything is down"""
+    from .supervision import control
+
+    healthy, rows = control.status(_config())
+    _table(("PART", "STATE", "DETAIL"), rows)
+    return 0 if healthy else 1
+
+
+@cli.command()
+@click.argument("program", nargs=-1)
+@click.option("-n", "--lines", type=int, default=40)
+@click.option("-f", "--follow", is_flag=True)
+def logs(program: tuple[str, ...], lines: int, follow: bool) -> int:
+    """show the programs' logs"""
+    config = _config()
+    names = program or ("wrapper", "proxy", "proxy_https", "group_down", "supervisord")
+    paths = [config.log_dir / f"{name}.log" for name in names]
+    paths = [p for p in paths if p.exists()]
+    if not paths:
+        raise MlxgateError(f"no logs in {config.log_dir}")
+    return subprocess.call(["tail", "-n", str(lines)] + (["-F"] if follow else []) + [str(p) for p in paths])
+
+
+@cli.command()
+@click.option("--https", is_flag=True, help="use the HTTPS listener")
+def env(https: bool) -> int:
+    """print export lines for Anthropic and OpenAI clients"""
+    config = _config()
+    if not config.api_key:
+        raise MlxgateError("no API key yet: run `mlxgate start` (or ./install.sh) to make one")
+    base = config.https_url if https else config.http_url
+    print(f"export ANTHROPIC_BASE_URL={base}")
+    print(f"export ANTHROPIC_API_KEY={config.api_key}")
+    print(f"export OPENAI_BASE_URL={base}/v1")
+    print(f"export OPENAI_API_KEY={config.api_key}")
+    if https:
+        print(f"export NODE_EXTRA_CA_CERTS={config.ssl_path / 'ca.pem'}")
+    return 0
+
+
+@cli.command()
+@click.option("--domain", help="also valid for this domain (e.g. api.anthropic.com)")
+def cert(domain: str | None) -> int:
+    """make the local certificate authority and a certificate"""
+    from .certs import ensure_ca, ensure_leaf
+
+    config = _config()
+    _, _, made_ca = ensure_ca(config.ssl_path)
+    cert_path, key, made = ensure_leaf(config.ssl_path, domain)
+    ca = config.ssl_path / "ca.pem"
+    print(f"{'made' if made_ca else 'kept'} certificate authority {ca}")
+    print(f"{'made' if made else 'kept'} certificate {cert_path} and key {key} for localhost, 127.0.0.1, ::1"
+          + (f" and {domain}" if domain else ""))
+    print(f"Trust the authority once: macOS `sudo security add-trusted-cert -d -r trustRoot -k "
+          f"/Library/Keychains/System.keychain {ca}`; Node `NODE_EXTRA_CA_CERTS={ca}`; "
+          f"Python `SSL_CERT_FILE` or an ssl context with cafile={ca}.")
+    return 0
+
+
+@cli.command()
+@click.option("--api", type=click.Choice(("anthropic", "openai", "all")), default="all")
+@click.option("--port", type=int)
+@click.option("--https", is_flag=True)
+@click.option("--prompt", default="Say hello in five words.")
+@click.option("--max-tokens", type=int, default=32)
+def check(api: str, port: int | None, https: bool, prompt: str, max_tokens: int) -> int:
+    """send real requests with the official SDKs to a running gateway"""
+    from .checks import run_checks
+
+    config = _config()
+    port = port or (config.https_port if https else config.port)
+    return 0 if run_checks(config, port, api, prompt, max_tokens, https=https) else 1
+
+
+# ------------------------------------------------------------------ the programs supervisord runs
+@cli.command()
+@click.option("--https", is_flag=True)
+def proxy(https: bool) -> int:
+    """run one LiteLLM proxy listener in the foreground (used by supervisord)"""
+    from .proxy.server import run
     from .supervision.parent_watch import watch_parent
 
-    config = _config(args, default_model=args.default_model, autocomplete_model=args.autocomplete_model)
+    watch_parent()
+    run(_config(), https=https)
+    return 0
+
+
+@cli.command()
+@click.option("--default-model", help="model to load on the dynamic server at start")
+@click.option("--autocomplete-model", help="model to keep loaded on the autocomplete server")
+def wrapper(default_model: str | None, autocomplete_model: str | None) -> int:
+    """run the MLX wrapper (management API) in the foreground"""
+    from .supervision.parent_watch import watch_parent
+    from .wrapper.serve import run
+
+    config = _config(default_model=default_model, autocomplete_model=autocomplete_model)
     watch_parent()
     print(f"mlxgate wrapper: management API on {config.wrapper_url}, dynamic server on port "
           f"{config.dynamic_port}, autocomplete server on port {config.autocomplete_port}",
@@ -57,10 +243,13 @@ def cmd_wrapper(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("models")
-def cmd_models(args: argparse.Namespace) -> int:
-    data = _client(_config(args)).models()
-    if args.json:
+# ------------------------------------------------------------------ models
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="print the wrapper's JSON answer")
+def models(as_json: bool) -> int:
+    """list local models and what is loaded"""
+    data = _client(_config()).models()
+    if as_json:
         print(json.dumps(data, indent=2))
         return 0
     rows = [(m["name"], m["source"], ", ".join(f"{s['role']}:{s['state']}" for s in m["servers"]) or "-",
@@ -80,41 +269,59 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("load")
-def cmd_load(args: argparse.Namespace) -> int:
-    print(f"loading {args.model} on the {args.server} server...", file=sys.stderr, flush=True)
+@cli.command()
+@click.argument("model")
+@click.option("--server", type=SERVERS, default="dynamic")
+def load(model: str, server: str) -> int:
+    """load a model (waits until it answers)"""
+    print(f"loading {model} on the {server} server...", file=sys.stderr, flush=True)
     started = time.monotonic()
-    status = _client(_config(args)).load(args.model, args.server)
+    status = _client(_config()).load(model, server)
     print(f"{status['model']} is ready on the {status['role']} server (port {status['port']}, "
           f"pid {status['pid']}) after {time.monotonic() - started:.1f} s")
     return 0
 
 
-@command("unload")
-def cmd_unload(args: argparse.Namespace) -> int:
-    status = _client(_config(args)).unload(args.server)
+@cli.command()
+@click.option("--server", type=SERVERS, default="dynamic")
+def unload(server: str) -> int:
+    """stop a model server"""
+    status = _client(_config()).unload(server)
     print(f"the {status['role']} server is {status['state']}")
     return 0
 
 
-# ------------------------------------------------------------------ models on disk
-@command("download")
-def cmd_download(args: argparse.Namespace) -> int:
-    from .download import download, hub_id
+@cli.command()
+@click.argument("model")
+@click.option("--dir", "folder", help="download into this folder instead of the Hugging Face cache")
+def download(model: str, folder: str | None) -> int:
+    """download a model from the Hugging Face hub
 
-    print(f"downloading {hub_id(args.model)}...", file=sys.stderr, flush=True)
-    path = download(args.model, Path(args.dir) if args.dir else None)
+    MODEL is a hub id, or a bare name resolved to mlx-community/NAME.
+    """
+    from .download import download as fetch, hub_id
+
+    print(f"downloading {hub_id(model)}...", file=sys.stderr, flush=True)
+    path = fetch(model, Path(folder) if folder else None)
     print(f"downloaded to {path}")
     return 0
 
 
-@command("demo-model")
-def cmd_demo_model(args: argparse.Namespace) -> int:
+@cli.command("demo-model")
+@click.argument("folder", metavar="DIR")
+@click.option("--seed", type=int, default=0)
+@click.option("--layers", type=int, default=2)
+@click.option("--hidden", type=int, default=64)
+@click.option("--context", type=int, default=2048, help="context window it declares (tokens)")
+@click.option("--scripted", is_flag=True,
+              help="deterministic answers: a greeting, a get_weather tool call when tools are offered, "
+                   "an answer after the tool result, thinking when enabled")
+def demo_model(folder: str, seed: int, layers: int, hidden: int, context: int, scripted: bool) -> int:
+    """build a tiny random-weight model offline (for trying the stack)"""
     from .demo_model import DemoModelSpec, build_demo_model
 
-    spec = DemoModelSpec(layers=args.layers, hidden=args.hidden, seed=args.seed, scripted=args.scripted,
-                         context=args.context)
-    target = Path(args.dir).expanduser()
+    spec = DemoModelSpec(layers=layers, hidden=hidden, seed=seed, scripted=scripted, context=context)
+    target = Path(folder).expanduser()
     started = time.monotonic()
     build_demo_model(target, spec)
     kind = ("scripted model (fixed answers, a tool call when tools are offered)" if spec.scripted
@@ -127,246 +334,11 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
     return 0
 
 
-# ------------------------------------------------------------------ the daemon
-START_FLAGS = ("port", "https_port", "max_tokens", "default_model", "autocomplete_model", "enable_https",
-               "ssl_domain", "fixed_model")
-
-
-def _start_overrides(args: argparse.Namespace) -> dict:
-    overrides = {key: getattr(args, key, None) for key in START_FLAGS}
-    overrides["enable_https"] = True if (args.enable_https or args.ssl_domain) else None
-    return {k: v for k, v in overrides.items() if v is not None}
-
-
-@command("start")
-def cmd_start(args: argparse.Namespace) -> int:
-    from .config import runtime_home
-    from .supervision import control
-
-    if args.install_dependencies:
-        from . import PROJECT_ROOT
-        print("running ./install.sh --no-service", flush=True)
-        if subprocess.call([str(PROJECT_ROOT / "install.sh"), "--no-service", "--quiet"]) != 0:
-            raise MlxgateError("./install.sh failed; see its output above")
-    control.ensure_api_key(runtime_home())
-    overrides = _start_overrides(args)
-    config = _config(args, **overrides)
-    if args.download_model:
-        from .download import download
-        print(f"downloading {args.download_model}...", flush=True)
-        download(args.download_model)
-    started = time.monotonic()
-    control.start(config, use_sudo=args.use_sudo, say=lambda line: print(line, flush=True))
-    control.save_start_options(config, {**overrides, "use_sudo": args.use_sudo})
-    print(f"\nmlxgate is running ({time.monotonic() - started:.1f} s):")
-    print(f"  HTTP   {config.http_url}   (Anthropic /v1/messages, OpenAI /v1/chat/completions)")
-    if config.enable_https:
-        print(f"  HTTPS  {config.https_url}   (trust {config.ssl_path / 'ca.pem'})")
-    print(f"  wrapper {config.wrapper_url}")
-    print("Point clients at it: eval \"$(mlxgate env)\"   Stop it: mlxgate stop")
-    return 0
-
-
-@command("stop")
-def cmd_stop(args: argparse.Namespace) -> int:
-    from .supervision import control
-
-    if control.stop(_config(args)):
-        print("mlxgate stopped")
-    else:
-        print("mlxgate is not running")
-    return 0
-
-
-@command("restart")
-def cmd_restart(args: argparse.Namespace) -> int:
-    from .config import runtime_home
-    from .supervision import control
-
-    if args.program:
-        supervisor = control.Supervisor(runtime_home())
-        if not supervisor.running():
-            raise MlxgateError("mlxgate is not running; start it with `mlxgate start`")
-        for name in args.program:
-            if name not in control.PROGRAMS:
-                raise MlxgateError(f"unknown program {name!r}; expected one of {', '.join(control.PROGRAMS)}")
-            for call in (supervisor.rpc.supervisor.stopProcess, supervisor.rpc.supervisor.startProcess):
-                try:
-                    call(name)
-                except Exception as exc:  # xmlrpc Fault: NOT_RUNNING on stop is fine
-                    if "NOT_RUNNING" not in str(exc):
-                        raise MlxgateError(f"cannot restart {name}: {exc}") from None
-            print(f"{name} restarted")
-        return 0
-    options = control.load_start_options(runtime_home())
-    use_sudo = options.pop("use_sudo", False)
-    config = _config(args, **options)
-    control.stop(config)
-    control.start(config, use_sudo=use_sudo, say=lambda line: print(line, flush=True))
-    print("mlxgate restarted")
-    return 0
-
-
-@command("status")
-def cmd_status(args: argparse.Namespace) -> int:
-    from .supervision import control
-
-    healthy, rows = control.status(_config(args))
-    _table(("PART", "STATE", "DETAIL"), rows)
-    return 0 if healthy else 1
-
-
-@command("logs")
-def cmd_logs(args: argparse.Namespace) -> int:
-    config = _config(args)
-    names = args.program or ["wrapper", "proxy", "proxy_https", "group_down", "supervisord"]
-    paths = [config.log_dir / f"{name}.log" for name in names]
-    paths = [p for p in paths if p.exists()]
-    if not paths:
-        raise MlxgateError(f"no logs in {config.log_dir}")
-    command_line = ["tail", "-n", str(args.lines)] + (["-F"] if args.follow else []) + [str(p) for p in paths]
-    return subprocess.call(command_line)
-
-
-@command("env")
-def cmd_env(args: argparse.Namespace) -> int:
-    config = _config(args)
-    if not config.api_key:
-        raise MlxgateError("no API key yet: run `mlxgate start` (or ./install.sh) to make one")
-    base = config.https_url if args.https else config.http_url
-    print(f"export ANTHROPIC_BASE_URL={base}")
-    print(f"export ANTHROPIC_API_KEY={config.api_key}")
-    print(f"export OPENAI_BASE_URL={base}/v1")
-    print(f"export OPENAI_API_KEY={config.api_key}")
-    if args.https:
-        print(f"export NODE_EXTRA_CA_CERTS={config.ssl_path / 'ca.pem'}")
-    return 0
-
-
-@command("cert")
-def cmd_cert(args: argparse.Namespace) -> int:
-    from .certs import ensure_ca, ensure_leaf
-
-    config = _config(args)
-    _, _, made_ca = ensure_ca(config.ssl_path)
-    cert, key, made = ensure_leaf(config.ssl_path, args.domain)
-    ca = config.ssl_path / "ca.pem"
-    print(f"{'made' if made_ca else 'kept'} certificate authority {ca}")
-    print(f"{'made' if made else 'kept'} certificate {cert} and key {key} for localhost, 127.0.0.1, ::1"
-          + (f" and {args.domain}" if args.domain else ""))
-    print(f"Trust the authority once: macOS `sudo security add-trusted-cert -d -r trustRoot -k "
-          f"/Library/Keychains/System.keychain {ca}`; Node `NODE_EXTRA_CA_CERTS={ca}`; "
-          f"Python `SSL_CERT_FILE` or an ssl context with cafile={ca}.")
-    return 0
-
-
-@command("check")
-def cmd_check(args: argparse.Namespace) -> int:
-    from .checks import run_checks
-
-    config = _config(args)
-    port = args.port or (config.https_port if args.https else config.port)
-    return 0 if run_checks(config, port, args.api, args.prompt, args.max_tokens, https=args.https) else 1
-
-
-@command("proxy")
-def cmd_proxy(args: argparse.Namespace) -> int:
-    from .proxy.server import run
-    from .supervision.parent_watch import watch_parent
-
-    watch_parent()
-    run(_config(args), https=args.https)
-    return 0
-
-
 def _table(header: tuple[str, ...], rows: list[tuple]) -> None:
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
     for row in (header, *rows):
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
 
 
-# ------------------------------------------------------------------ parser
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mlxgate", description="mlxgate: a local LLM gateway serving MLX models behind the "
-        "Anthropic and OpenAI APIs.")
-    parser.add_argument("--version", action="version", version=f"mlxgate {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("start", help="start the whole gateway under supervisord")
-    p.add_argument("--port", type=int, help="HTTP proxy port (default 11432)")
-    p.add_argument("--https-port", type=int, help="HTTPS proxy port (default 11433)")
-    p.add_argument("--enable-https", action="store_true", help="also serve HTTPS with the local CA")
-    p.add_argument("--ssl-domain", help="extra certificate domain, e.g. api.anthropic.com (implies HTTPS)")
-    p.add_argument("--max-tokens", type=int, help="cap on tokens per answer (default 8192)")
-    p.add_argument("--default-model", help="model for claude-*/gpt-* names, loaded at start")
-    p.add_argument("--autocomplete-model", help="small model kept loaded for autocomplete")
-    p.add_argument("--fixed-model", help="serve every requested name with this one model")
-    p.add_argument("--use-sudo", action="store_true", help="start the listeners through sudo (ports < 1024)")
-    p.add_argument("--download-model", metavar="MODEL", help="download MODEL before starting")
-    p.add_argument("--install-dependencies", action="store_true", help="run ./install.sh first")
-
-    sub.add_parser("stop", help="stop the gateway")
-    p = sub.add_parser("restart", help="restart the gateway (or only the named programs)")
-    p.add_argument("program", nargs="*", help="wrapper, proxy or proxy_https")
-    sub.add_parser("status", help="show each program and endpoint; non-zero exit when anything is down")
-    p = sub.add_parser("logs", help="show the programs' logs")
-    p.add_argument("program", nargs="*")
-    p.add_argument("-n", "--lines", type=int, default=40)
-    p.add_argument("-f", "--follow", action="store_true")
-    p = sub.add_parser("env", help="print export lines for Anthropic and OpenAI clients")
-    p.add_argument("--https", action="store_true", help="use the HTTPS listener")
-    p = sub.add_parser("cert", help="make the local certificate authority and a certificate")
-    p.add_argument("--domain", help="also valid for this domain (e.g. api.anthropic.com)")
-    p = sub.add_parser("check", help="send real requests with the official SDKs to a running gateway")
-    p.add_argument("--api", choices=("anthropic", "openai", "all"), default="all")
-    p.add_argument("--port", type=int)
-    p.add_argument("--https", action="store_true")
-    p.add_argument("--prompt", default="Say hello in five words.")
-    p.add_argument("--max-tokens", type=int, default=32)
-    p = sub.add_parser("proxy", help="run one LiteLLM proxy listener in the foreground (used by supervisord)")
-    p.add_argument("--https", action="store_true")
-
-    p = sub.add_parser("wrapper", help="run the MLX wrapper (management API) in the foreground")
-    p.add_argument("--default-model", help="model to load on the dynamic server at start")
-    p.add_argument("--autocomplete-model", help="model to keep loaded on the autocomplete server")
-
-    p = sub.add_parser("models", help="list local models and what is loaded")
-    p.add_argument("--json", action="store_true", help="print the wrapper's JSON answer")
-
-    p = sub.add_parser("load", help="load a model (waits until it answers)")
-    p.add_argument("model")
-    p.add_argument("--server", default="dynamic", choices=("dynamic", "autocomplete"))
-
-    p = sub.add_parser("unload", help="stop a model server")
-    p.add_argument("--server", default="dynamic", choices=("dynamic", "autocomplete"))
-
-    p = sub.add_parser("download", help="download a model from the Hugging Face hub")
-    p.add_argument("model", help="a hub id, or a bare name resolved to mlx-community/NAME")
-    p.add_argument("--dir", help="download into this folder instead of the Hugging Face cache")
-
-    p = sub.add_parser("demo-model", help="build a tiny random-weight model offline (for trying the stack)")
-    p.add_argument("dir")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--context", type=int, default=2048, help="context window it declares (tokens)")
-    p.add_argument("--scripted", action="store_true",
-                   help="deterministic answers: a greeting, a get_weather tool call when tools are offered, "
-                        "an answer after the tool result, thinking when enabled")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return COMMANDS[args.command](args)
-    except MlxgateError as exc:
-        print(f"mlxgate {args.command}: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -2,14 +2,14 @@
 
 One YAML file (``config/gateway.yaml`` by default, ``MLXGATE_CONFIG`` to choose
 another) plus environment overrides. Every key is declared once in ``SETTINGS``;
-unknown keys, wrong types and bad values fail at load with a ``ConfigError`` that
-names the file, the key and the fix.
+``Config`` is derived from it, one field per setting. Unknown keys, wrong types and
+bad values fail at load with a ``ConfigError`` that names the file, the key and the fix.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 from urllib.parse import urlparse
@@ -138,6 +138,62 @@ def _size(value: Any) -> int:
         raise ValueError("expected a size in bytes, or with K, M or G (e.g. 32M)") from None
 
 
+class _Invalid(ValueError):
+    """A problem below a key: `at` is the path under it, `got` says what was found there."""
+
+    def __init__(self, problem: str, got: str, at: tuple = ()):
+        super().__init__(problem)
+        self.got, self.at = got, at
+
+
+LITELLM_SECTIONS = ("model_list", "litellm_settings", "router_settings")
+
+
+def _kind(value: Any) -> str:
+    """What a value is, without showing it (LiteLLM's mappings hold API keys)."""
+    kinds = {type(None): "nothing", dict: "a mapping", list: "a list", str: "a string", bool: "a boolean",
+             int: "an integer", float: "a number"}
+    return kinds.get(type(value), type(value).__name__)
+
+
+def _litellm(value: Any) -> dict[str, Any]:
+    """LiteLLM's own config for the deployments that are not local, checked, then passed on untouched."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _Invalid(f"expected a mapping with keys among {', '.join(LITELLM_SECTIONS)}", got=_kind(value))
+    for key, section in value.items():
+        if key not in LITELLM_SECTIONS:
+            raise _Invalid(f"unknown key; expected one of {', '.join(LITELLM_SECTIONS)}", at=(key,),
+                           got=repr(key))
+        if key != "model_list" and not isinstance(section, dict):
+            raise _Invalid("expected a mapping", at=(key,), got=_kind(section))
+    deployments = value.get("model_list", [])
+    if not isinstance(deployments, list):
+        raise _Invalid("expected a list of deployments", at=("model_list",), got=_kind(deployments))
+    for index, deployment in enumerate(deployments):
+        at = ("model_list", index)
+        if not isinstance(deployment, dict):
+            raise _Invalid("expected a mapping with a string `model_name` and a mapping `litellm_params`",
+                           at=at, got=_kind(deployment))
+        name = deployment.get("model_name")
+        if not isinstance(name, str) or not name.strip():
+            raise _Invalid("expected a string, the model name clients send", at=(*at, "model_name"),
+                           got=_kind(name))
+        params = deployment.get("litellm_params")
+        model = params.get("model") if isinstance(params, dict) else None
+        if not isinstance(model, str) or not model.strip():
+            if not isinstance(params, dict):
+                got = _kind(params)
+            elif "model" not in params:
+                got = "a mapping without `model`"
+            else:
+                got = f"`model` as {_kind(model)}"
+            raise _Invalid("expected a mapping with a string `model` (e.g. anthropic/claude-opus-4-8)",
+                           at=(*at, "litellm_params"), got=got)
+    return dict(value)
+
+
 @dataclass(frozen=True)
 class Setting:
     key: str
@@ -205,58 +261,28 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_queue", _positive_int, 16, "MLXGATE_MAX_QUEUE",
             "Requests that may wait per model server; more get 529 (Anthropic) or 503 (OpenAI).", "16"),
     Setting("max_parallel", _positive_int, 8, "MLXGATE_MAX_PARALLEL",
-            "Requests a model server works on at once (more lets mlx_lm batch them).", "1"),
+            "Requests a model server works on at once, batched by mlx_lm.server.", "8"),
     Setting("drain_timeout", _seconds, 120, "MLXGATE_DRAIN_TIMEOUT",
             "Seconds a model switch waits for the current model's requests before ending them.", "120"),
     Setting("stall_timeout", _seconds, 30, "MLXGATE_STALL_TIMEOUT",
             "Seconds a model server may go without sending anything while it has work; then it is "
-            "restarted with the same model and its requests get an error.", "180"),
+            "restarted with the same model and its requests get an error.", "30"),
     Setting("server_args", _text_list, [], None,
             "Extra command-line arguments for every mlx_lm.server (e.g. --kv-bits 8).", "[]"),
-    Setting("litellm", lambda v: dict(v or {}), {}, None,
-            "Deployments that are not local, served by LiteLLM in the proxy program.", "{}"),
     Setting("detailed_debug", _boolean, False, "DETAILED_DEBUG",
             "Log each request as the hooks changed it (API keys are always redacted).", "false"),
+    Setting("litellm", _litellm, {}, None,
+            "Deployments that are not local, served by LiteLLM inside the proxy program: LiteLLM's own "
+            "model_list, litellm_settings and router_settings.",
+            "{model_list: [{model_name: claude-opus-4-8, litellm_params: {model: anthropic/claude-opus-4-8, "
+            "api_key: os.environ/ANTHROPIC_API_KEY}}]}"),
 )
 
 SETTINGS_BY_KEY = {s.key: s for s in SETTINGS}
 
 
-@dataclass(frozen=True)
-class Config:
-    """The validated configuration; build it with `load_config`."""
-
-    model_dirs: tuple[Path, ...]
-    default_model: str | None
-    autocomplete_model: str | None
-    wrapper_url: str
-    dynamic_port: int
-    autocomplete_port: int
-    fixed_model: str | None
-    aliases: dict
-    model_routes: dict
-    autocomplete_alias: str | None
-    host: str
-    port: int
-    enable_https: bool
-    https_port: int
-    ssl_domain: str | None
-    ssl_dir: str | None
-    plugin_dirs: tuple[Path, ...]
-    max_tokens: int
-    load_timeout: float
-    max_body: int
-    max_queue: int
-    max_parallel: int
-    drain_timeout: float
-    stall_timeout: float
-    server_args: tuple[str, ...]
-    litellm: dict
-    detailed_debug: bool
-    home: Path = field(default=DEFAULT_HOME.expanduser())
-    source: Path | None = None
-    api_key: str | None = None
-    hf_cache: Path = field(default=Path("~/.cache/huggingface/hub").expanduser())
+class _Derived:
+    """What `Config` computes from its settings."""
 
     @property
     def wrapper_host(self) -> str:
@@ -286,6 +312,20 @@ class Config:
     @property
     def https_url(self) -> str:
         return f"https://{self.ssl_domain or 'localhost'}:{self.https_port}"
+
+
+# One field per setting, typed by what its parser returns, then what is not a setting.
+Config = make_dataclass(
+    "Config",
+    [(s.key, s.parse.__annotations__["return"]) for s in SETTINGS] + [
+        ("home", Path, field(default=DEFAULT_HOME.expanduser())),
+        ("source", "Path | None", field(default=None)),
+        ("api_key", "str | None", field(default=None)),
+        ("hf_cache", Path, field(default=Path("~/.cache/huggingface/hub").expanduser())),
+    ],
+    bases=(_Derived,), frozen=True,
+    namespace={"__module__": __name__,
+               "__doc__": "The validated configuration; build it with `load_config`."})
 
 
 def config_path(env: Mapping[str, str] = os.environ) -> Path:
@@ -343,10 +383,12 @@ def _read_file(path: Path) -> dict[str, Any]:
 
 
 def load_config(path: Path | None = None, env: Mapping[str, str] = os.environ,
-                overrides: Mapping[str, Any] | None = None) -> Config:
-    """Read the file, apply environment variables then `overrides` (command-line flags).
+                overrides: Mapping[str, Any] | None = None,
+                start_flags: Mapping[str, Any] | None = None) -> Config:
+    """Read the file, then apply `start_flags`, environment variables and `overrides`.
 
-    Precedence: flags > environment > file > defaults.
+    Precedence: flags given now (`overrides`) > environment > flags saved by the last
+    `mlxgate start` (`start_flags`) > file > defaults.
     """
     path = Path(path) if path is not None else config_path(env)
     raw = _read_file(path)
@@ -357,17 +399,22 @@ def load_config(path: Path | None = None, env: Mapping[str, str] = os.environ,
 
     values: dict[str, Any] = {}
     for setting in SETTINGS:
+        flag = f"option --{setting.key.replace('_', '-')}"
         value, where = setting.default, f"{path}: {setting.key}"
         if setting.key in raw:
             value = raw[setting.key]
+        if start_flags and start_flags.get(setting.key) is not None:
+            value, where = start_flags[setting.key], f"{flag} saved by the last `mlxgate start`"
         if setting.env and setting.env in env:
             value, where = env[setting.env], f"environment variable {setting.env}"
         if overrides and overrides.get(setting.key) is not None:
-            value, where = overrides[setting.key], f"option --{setting.key.replace('_', '-')}"
+            value, where = overrides[setting.key], flag
         try:
             values[setting.key] = setting.parse(value)
         except ValueError as exc:
-            raise ConfigError(f"{where}: {exc}, got {value!r}. "
+            at, got = (exc.at, exc.got) if isinstance(exc, _Invalid) else ((), repr(value))
+            below = "".join(f".{part}" for part in at)
+            raise ConfigError(f"{where}{below}: {exc}, got {got}. "
                               f"Fix: set it like `{setting.key}: {setting.example}`.") from None
 
     ports = {"dynamic_port": values["dynamic_port"], "autocomplete_port": values["autocomplete_port"],

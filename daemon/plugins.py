@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -56,9 +57,11 @@ def plugin_files(dirs: Iterable[Path]) -> list[Path]:
     return files
 
 
-def make_manager(plugin_dirs: Iterable[Path] = (), entry_points: bool = True,
+def make_manager(plugin_dirs: Iterable[Path] = (), entry_points: bool | None = None,
                  trace: bool = False) -> pluggy.PluginManager:
     """Build the manager: built-ins, then plugins/ and `plugin_dirs`, then entry points."""
+    if entry_points is None:
+        entry_points = os.environ.get("MLXGATE_LOAD_ENTRY_POINTS", "1").strip() != "0"
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     for name in BUILTIN_PLUGINS:

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from mlxgate.config import SETTINGS
 from support import Gateway, Wrapper, make_broken_models, mlxgate, wait_for
 
-# Keep the developer's own configuration and models out of the test run.
-for _name in ("MLXGATE_CONFIG", "MLXGATE_HOME", "MLXGATE_API_KEY", "MLXGATE_MODEL_DIRS",
-              "MLXGATE_DEFAULT_MODEL", "MLXGATE_AUTOCOMPLETE_MODEL", "MAX_TOKENS", "DETAILED_DEBUG",
-              "MLX_WRAPPER_URL", "MLX_DYNAMIC_PORT", "MLX_AUTOCOMPLETE_PORT"):
+# Keep the developer's own configuration, models and installed plugins out of the test run.
+for _name in ("MLXGATE_CONFIG", "MLXGATE_HOME", "MLXGATE_API_KEY", *(s.env for s in SETTINGS if s.env)):
     os.environ.pop(_name, None)
+os.environ["MLXGATE_LOAD_ENTRY_POINTS"] = "0"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
 

@@ -15,7 +15,10 @@ from pathlib import Path
 
 import anthropic
 import openai
+import psutil
 import requests
+
+from mlxgate.supervision.control import process_alive as pid_alive
 
 ROOT = Path(__file__).resolve().parent.parent
 MLXGATE = [sys.executable, "-m", "mlxgate.cli"]
@@ -31,17 +34,6 @@ def port_open(port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.5)
         return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is dead for our purposes
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):
@@ -220,15 +212,9 @@ class Gateway:
         """Every live process whose command line names this daemon's runtime folder or ports."""
         pids = []
         root = self.supervisord_pid()
-        for proc in Path("/proc").iterdir():
-            if not proc.name.isdigit():
-                continue
-            try:
-                env = (proc / "environ").read_bytes()
-            except OSError:
-                continue
-            if f"MLXGATE_HOME={self.home}".encode() in env.split(b"\0") and pid_alive(int(proc.name)):
-                pids.append(int(proc.name))
+        for proc in psutil.process_iter(["environ"]):  # environ is None where we may not read it
+            if (proc.info["environ"] or {}).get("MLXGATE_HOME") == str(self.home) and pid_alive(proc.pid):
+                pids.append(proc.pid)
         if root and pid_alive(root) and root not in pids:
             pids.append(root)
         return pids

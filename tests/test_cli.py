@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -63,3 +64,25 @@ def test_demo_model_builds_a_model_the_catalog_finds(tmp_path):
 
     model = Catalog([tmp_path / "models"], None).resolve("mine")
     verify_model_folder(model.path)
+
+
+def test_flags_saved_by_start_yield_to_the_environment_and_to_flags(tmp_path):
+    (tmp_path / "start.json").write_text(json.dumps({"port": 12100, "use_sudo": False}))
+    env = {**os.environ, "MLXGATE_HOME": str(tmp_path), "MLXGATE_CONFIG": str(tmp_path / "gateway.yaml"),
+           "MLXGATE_API_KEY": "k"}
+    (tmp_path / "gateway.yaml").write_text("port: 12000\n")
+
+    def base_url(**extra) -> str:
+        result = mlxgate("env", env={**env, **extra}, check=True)
+        return result.stdout.splitlines()[0]
+
+    assert base_url() == "export ANTHROPIC_BASE_URL=http://127.0.0.1:12100"
+    assert base_url(MLXGATE_PORT="12200") == "export ANTHROPIC_BASE_URL=http://127.0.0.1:12200"
+
+
+def test_the_version_and_a_usage_error():
+    from mlxgate import __version__
+
+    assert mlxgate("--version", env=dict(os.environ)).stdout.strip() == f"mlxgate {__version__}"
+    wrong = mlxgate("unload", "--server", "elsewhere", env=dict(os.environ))
+    assert wrong.returncode == 2 and "'elsewhere' is not one of 'dynamic', 'autocomplete'" in wrong.stderr

@@ -19,6 +19,7 @@ import time
 import anthropic
 import httpx
 import openai
+import psutil
 import pytest
 
 from support import Gateway, claude, gpt, mlxgate, pid_alive, wait_for
@@ -44,8 +45,8 @@ def dynamic(gw) -> dict:
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
 
 
 def busy(pid: int, window: float = 1.0) -> float:
@@ -279,10 +280,7 @@ def _battery() -> list[tuple[str, bytes, dict]]:
 
 
 def _rss_kb(pid: int) -> int:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
+    return psutil.Process(pid).memory_info().rss // 1024
 
 
 def test_a_battery_of_malformed_requests_gets_4xx_everywhere_and_nothing_dies(gw):
@@ -357,13 +355,11 @@ def test_the_wrapper_and_its_relay_need_the_key(gw):
 def test_everything_listens_on_loopback_and_secrets_are_private(gw):
     ports = {gw.port, gw.https_port, gw.wrapper_port, gw.dynamic_port}
     listening = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in open(table).read().splitlines()[1:]:
-            local, state = line.split()[1], line.split()[3]
-            address, port = local.rsplit(":", 1)
-            if state == "0A" and int(port, 16) in ports:  # LISTEN
-                listening.add(int(port, 16))
-                assert address in ("0100007F", "00000000000000000000000001000000"), (port, address)
+    for pid in gw.our_pids():  # per process: the system-wide table needs root on macOS
+        for connection in psutil.Process(pid).net_connections(kind="inet"):
+            if connection.status == psutil.CONN_LISTEN and connection.laddr.port in ports:
+                listening.add(connection.laddr.port)
+                assert connection.laddr.ip in ("127.0.0.1", "::1"), connection.laddr
     assert ports <= listening
     for path in [gw.home / "api_key", *(gw.home / "ssl").glob("*key*.pem")]:
         assert oct(path.stat().st_mode & 0o777) == "0o600", path

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import psutil
 import requests
 
 from .. import PROJECT_ROOT
@@ -163,7 +164,8 @@ def _check_ports(config: Config) -> None:
 
 
 def start(config: Config, use_sudo: bool = False, say: Callable[[str], None] = print,
-          timeout: float = 180.0) -> None:
+          timeout: float = 180.0, flags: dict | None = None) -> None:
+    """Start the daemon; `flags` (given to `mlxgate start`) are saved for its programs and later commands."""
     from ..plugins import make_manager
     from ..proxy import litellm_config
 
@@ -171,6 +173,8 @@ def start(config: Config, use_sudo: bool = False, say: Callable[[str], None] = p
     if supervisor.running():
         raise MlxgateError(f"mlxgate is already running (runtime folder {config.home}). "
                            f"Use `mlxgate restart` or `mlxgate stop` first.")
+    if flags is not None:
+        save_start_options(config, {**flags, "use_sudo": use_sudo})
     make_manager(config.plugin_dirs)  # a broken plugin stops the start here, with file and line
     _check_ports(config)
     config.log_dir.mkdir(parents=True, exist_ok=True)
@@ -251,7 +255,7 @@ def stop(config: Config, say: Callable[[str], None] = print, timeout: float = 60
     supervisor = Supervisor(config.home)
     pid = supervisor.pid()
     if not supervisor.running():
-        if pid and _alive(pid):
+        if pid and process_alive(pid):
             os.kill(pid, signal.SIGTERM)
         else:
             return False
@@ -262,23 +266,20 @@ def stop(config: Config, say: Callable[[str], None] = print, timeout: float = 60
         except (OSError, xmlrpc.client.Fault, http.client.HTTPException):
             pass
     deadline = time.monotonic() + timeout
-    while pid and _alive(pid) and time.monotonic() < deadline:
+    while pid and process_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    if pid and _alive(pid):
+    if pid and process_alive(pid):
         raise MlxgateError(f"supervisord (pid {pid}) did not exit within {timeout:g} s")
     return True
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether the process runs; a zombie (exited, not yet reaped) does not."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:  # ZombieProcess included
         return False
-    except PermissionError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-    except (OSError, IndexError):
+    except psutil.AccessDenied:  # someone else's: it exists
         return True
 
 
@@ -325,6 +326,7 @@ def _queue_row(queue: dict) -> tuple[str, str]:
 
 
 def save_start_options(config: Config, options: dict) -> None:
+    config.home.mkdir(parents=True, exist_ok=True)
     (config.home / "start.json").write_text(json.dumps(options))
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import psutil
+
 
 _ERROR_LINE = re.compile(r"^[\w.]*(Error|Exception|Exit)\b.*")
 
@@ -58,19 +60,10 @@ class ServerProcess:
     def cpu_seconds(self) -> float | None:
         """CPU time the process has used so far (None if it cannot be read)."""
         try:
-            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, IndexError, ValueError):
-            pass
-        try:  # macOS: no /proc
-            out = subprocess.run(["ps", "-o", "cputime=", "-p", str(self.pid)], capture_output=True,
-                                 text=True, timeout=5).stdout.strip()
-            seconds = 0.0
-            for part in out.replace("-", ":").split(":"):
-                seconds = seconds * 60 + float(part)
-            return seconds
-        except (OSError, ValueError, subprocess.SubprocessError):
+            times = psutil.Process(self.pid).cpu_times()
+        except psutil.Error:
             return None
+        return times.user + times.system
 
     def log_tail(self, lines: int = 20) -> list[str]:
         """The last lines this process wrote (not earlier runs in the same log)."""

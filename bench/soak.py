@@ -4,13 +4,15 @@ Concurrent clients send, in random order: Anthropic streams, OpenAI chat request
 streams abandoned after a few events, non-streamed requests abandoned by a short client
 timeout, requests for another model (switches), count_tokens calls, and malformed
 requests. Prints requests and outcomes per kind, p50/p99 latency of the answered ones,
-the same short request sent straight to the model server for comparison (ratio), and
-the RSS of every program at the start and the end.
+the same short request through the idle gateway at the start and the end, and the RSS of
+every process of the group at the start and the end (the group without its model servers,
+whose size is the model's, as a total).
 
     mlxgate start ...                                     # a running daemon
     .venv/bin/python bench/soak.py --minutes 10 --switch-model tiny-c
 
-Without a running daemon, `--start` builds two tiny models and starts one for the run.
+Without a running daemon, `--start` builds two tiny models and starts one for the run
+(with the HTTPS listener, so the whole group is measured).
 """
 
 from __future__ import annotations
@@ -30,11 +32,10 @@ from pathlib import Path
 
 import requests
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from mlxgate.config import load_config
+from mlxgate.supervision.control import Supervisor
 
-from mlxgate.config import load_config  # noqa: E402
-from mlxgate.supervision.control import Supervisor  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 PROMPT = [{"role": "user", "content": "Tell me about the sea"}]
 MALFORMED = [
@@ -141,34 +142,39 @@ class Soak:
                 self.one(session, kind)
 
 
-def rss_mb(pid: int) -> float | None:
+def group_rss(config) -> dict[str, float]:
+    """RSS in MB of every process of the group (supervisord, each program and the processes
+    it started); the model servers apart, since their size is the model's."""
+    import psutil
+
+    supervisor = Supervisor(config.home)
+    rows: dict[str, float] = {}
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
+        root = psutil.Process(supervisor.pid())
+    except (psutil.Error, TypeError):
+        return rows
+    programs = {info["pid"]: name for name, info in supervisor.processes().items() if info["pid"]}
+    rows["supervisord"] = root.memory_info().rss / 1e6
+    for pid, name in programs.items():
+        try:
+            process = psutil.Process(pid)
+            family = [process] + process.children(recursive=True)
+            servers = [p for p in family if "model_process" in " ".join(p.cmdline())]
+            rows[name] = sum(p.memory_info().rss for p in family if p not in servers) / 1e6
+            for server in servers:
+                rows[f"model server {server.pid}"] = server.memory_info().rss / 1e6
+        except psutil.Error:
+            pass
+    return rows
 
 
-def programs(config) -> dict[str, int]:
-    pids = {name: info["pid"] for name, info in Supervisor(config.home).processes().items() if info["pid"]}
-    try:
-        servers = requests.get(config.wrapper_url + "/models", timeout=10,
-                               headers={"Authorization": f"Bearer {config.api_key}"}).json()["servers"]
-        pids.update({f"{role} server": s["pid"] for role, s in servers.items() if s.get("pid")})
-    except (requests.RequestException, ValueError, KeyError):
-        pass
-    return pids
-
-
-def direct_p50(port: int, n: int = 20) -> float:
-    """A short request sent straight to the dynamic model server (no gateway), median ms."""
+def idle_p50(url: str, key: str, n: int = 20) -> float:
+    """A short request through the gateway while nothing else runs, median ms."""
     times = []
     for _ in range(n):
         started = time.perf_counter()
-        requests.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=120,
-                      json={"messages": PROMPT, "max_tokens": 16}).raise_for_status()
+        requests.post(url + "/v1/chat/completions", timeout=120, headers={"Authorization": f"Bearer {key}"},
+                      json={"model": "gpt-4o", "messages": PROMPT, "max_tokens": 16}).raise_for_status()
         times.append((time.perf_counter() - started) * 1000)
     return statistics.median(times)
 
@@ -185,7 +191,7 @@ def start_own(work: Path) -> dict:
         subprocess.run([python, "-m", "mlxgate.cli", "demo-model", str(models / name), "--seed", seed,
                         "--context", "32768"], cwd=ROOT, check=True, capture_output=True)
     ports = {}
-    for name in ("MLX_WRAPPER_URL", "MLX_DYNAMIC_PORT", "MLX_AUTOCOMPLETE_PORT", "MLXGATE_PORT"):
+    for name in ("MLX_WRAPPER_URL", "MLX_DYNAMIC_PORT", "MLX_AUTOCOMPLETE_PORT", "MLXGATE_PORT", "MLXGATE_HTTPS_PORT"):
         import socket
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
@@ -197,8 +203,9 @@ def start_own(work: Path) -> dict:
                LITELLM_LOCAL_MODEL_COST_MAP="True", MLXGATE_DRAIN_TIMEOUT="10")
     env.pop("DETAILED_DEBUG", None)
     print("starting a gateway for the soak...", file=sys.stderr, flush=True)
-    result = subprocess.run([python, "-m", "mlxgate.cli", "start", "--default-model", "soak-a",
-                             "--max-tokens", "4096"], cwd=ROOT, env=env, capture_output=True, text=True)
+    result = subprocess.run([python, "-m", "mlxgate.cli", "start", "--default-model", "soak-a", "--enable-https",
+                             "--https-port", str(ports["MLXGATE_HTTPS_PORT"]), "--max-tokens", "4096"], cwd=ROOT,
+                            env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"mlxgate start failed:\n{result.stdout}\n{result.stderr}")
     return env
@@ -221,8 +228,8 @@ def main() -> int:
         raise SystemExit("no API key: start the daemon first (`mlxgate start`) or pass --start")
     try:
         soak = Soak(config.http_url, config.api_key, config.default_model or "", args.switch_model)
-        before = {name: rss_mb(pid) for name, pid in programs(config).items()}
-        base = direct_p50(config.dynamic_port)
+        before = group_rss(config)
+        base = idle_p50(config.http_url, config.api_key)
         deadline = time.monotonic() + args.minutes * 60
         threads = [threading.Thread(target=soak.client, args=(deadline, i)) for i in range(args.clients)]
         print(f"soaking for {args.minutes:g} min with {args.clients} clients...", file=sys.stderr, flush=True)
@@ -234,8 +241,8 @@ def main() -> int:
         if args.switch_model:  # the comparison runs on the main model
             requests.post(config.wrapper_url + "/models/load", json={"model": config.default_model},
                           headers={"Authorization": f"Bearer {config.api_key}"}, timeout=600)
-        end_base = direct_p50(config.dynamic_port)
-        after = {name: rss_mb(pid) for name, pid in programs(config).items()}
+        end_base = idle_p50(config.http_url, config.api_key)
+        after = group_rss(config)
         report(soak.results, args, before, after, base, end_base)
     finally:
         if args.start:
@@ -263,14 +270,17 @@ def report(results, args, before, after, base, end_base) -> None:
     print(f"\nunexpected outcomes: {dict(unexpected) or 'none'}")
     chat_ok = [ms for k, o, ms in results if k == "chat" and o == "ok"]
     if chat_ok:
-        print(f"openai chat (16 tokens) under load p50 {statistics.median(chat_ok):.0f} ms; straight to the model "
-              f"server, idle: {base:.0f} ms at start, {end_base:.0f} ms at end "
-              f"(ratio {statistics.median(chat_ok) / base:.1f}x: queueing behind {args.clients} clients)")
-    print("\n| program | RSS start MB | RSS end MB |")
-    print("|---|---:|---:|")
+        print(f"openai chat (16 tokens) under load p50 {statistics.median(chat_ok):.0f} ms; the same through the "
+              f"idle gateway: {base:.0f} ms at start, {end_base:.0f} ms at end")
+    print("\n| process | RSS start MB | RSS end MB | change |")
+    print("|---|---:|---:|---:|")
     for name in sorted(set(before) | set(after)):
         start, end = before.get(name), after.get(name)
-        print(f"| {name} | {start:.0f} | {end:.0f} |" if start and end else f"| {name} | {start} | {end} |")
+        change = f"{(end - start) / start:+.0%}" if start and end else "-"
+        print(f"| {name} | {start or 0:.0f} | {end or 0:.0f} | {change} |")
+    group = [name for name in set(before) & set(after) if not name.startswith("model server")]
+    start, end = sum(before[n] for n in group), sum(after[n] for n in group)
+    print(f"| **group without model servers** | {start:.0f} | {end:.0f} | {(end - start) / start:+.1%} |")
 
 
 if __name__ == "__main__":

@@ -172,7 +172,8 @@ def test_a_full_queue_answers_529_and_503_at_once_and_status_shows_it(gw):
         assert response.status_code == 503 and response.headers["retry-after"]
         assert time.monotonic() - started < 10
         status = mlxgate("status", env=gw.env, timeout=60).stdout
-        assert f"{MAX_QUEUE} waiting (max {MAX_QUEUE})" in status and "in flight: #" in status
+        assert f"{MAX_QUEUE} waiting (max {MAX_QUEUE})" in status
+        assert f"in flight ({running} of {running} at once): #" in status
     finally:
         for client, response in streams:
             response.close()

@@ -132,6 +132,10 @@ def test_a_litellm_deployment_answers_through_litellm_and_the_hooks_run_once(gw,
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     listed = {m.id for m in gpt(gw).models.list()}
     assert {"remote-claude", "remote-gpt", "tiny-c"} <= listed
+    info = httpx.get(gw.url + "/model/info", headers={"Authorization": f"Bearer {gw.api_key}"}, timeout=30)
+    assert info.status_code == 200, "LiteLLM's own routes, with the gateway's key"
+    assert {m["model_name"] for m in info.json()["data"]} == {"remote-claude", "remote-gpt"}
+    assert httpx.get(gw.url + "/model/info", timeout=30).status_code == 401
 
 
 def test_litellm_errors_reach_anthropic_clients_in_anthropics_shape(gw):

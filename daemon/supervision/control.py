@@ -320,8 +320,11 @@ def _queue_row(queue: dict) -> tuple[str, str]:
     active = queue.get("active") or []
     flight = "; ".join(f"#{a['id']} {a['route']} {a['model']} running {a['running_s']:.1f} s"
                        for a in active) or "idle"
-    detail = (f"{queue.get('queued', 0)} waiting (max {queue.get('max_queue', '?')}), in flight: {flight}; "
+    detail = (f"{queue.get('queued', 0)} waiting (max {queue.get('max_queue', '?')}), in flight "
+              f"({len(active)} of {queue.get('max_parallel', '?')} at once): {flight}; "
               f"served {queue.get('served', 0)}, refused {queue.get('refused', 0)}")
+    if queue.get("draining"):
+        return "SWITCHING", "switching model after the running requests; " + detail
     return ("BUSY" if active else "IDLE"), detail
 
 

@@ -99,9 +99,16 @@ else
 fi
 
 current="install mlxgate and its dependencies"
-step "installing mlxgate and its dependencies into .venv (first run: a few minutes)"
-.venv/bin/python -m pip install $quiet --disable-pip-version-check --upgrade pip >/dev/null
-.venv/bin/python -m pip install $quiet --disable-pip-version-check -e ".[test]"
+stamp=.venv/.installed-pyproject  # the pyproject.toml the dependencies were installed from
+wanted="$(.venv/bin/python -c 'import hashlib; print(hashlib.sha256(open("pyproject.toml", "rb").read()).hexdigest())')"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$wanted" ]; then
+  step "dependencies are current (pyproject.toml unchanged since they were installed)"
+else
+  step "installing mlxgate and its dependencies into .venv (first run: a few minutes)"
+  .venv/bin/python -m pip install $quiet --disable-pip-version-check --upgrade pip >/dev/null
+  .venv/bin/python -m pip install $quiet --disable-pip-version-check -e ".[test]"
+  echo "$wanted" > "$stamp"
+fi
 
 current="write config/gateway.yaml"
 if [ ! -f config/gateway.yaml ]; then

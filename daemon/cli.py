@@ -84,8 +84,10 @@ def _start_flags(flags: dict) -> dict:
 
 def _as_arguments(flags: dict, use_sudo: bool) -> list[str]:
     """Settings back into `mlxgate start` options (what the boot service runs with)."""
+    from .config import SETTINGS
+
     args = []
-    for key, value in flags.items():
+    for key, value in sorted(flags.items(), key=lambda item: [s.key for s in SETTINGS].index(item[0])):
         args += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
     return args + (["--use-sudo"] if use_sudo else [])
 
@@ -492,12 +494,15 @@ def service():
 def service_install(use_sudo: bool, enable_port_forward: bool, forward_http: bool, trust_ca: bool,
                     enable_linger: bool, no_service: bool, **flags) -> int:
     """install the boot service (started with these start flags) and the steps asked for"""
+    from .supervision import control
     from .system import install
 
     if enable_port_forward:
         flags["enable_https"] = True
     flags = _start_flags(flags)
+    control.ensure_api_key(runtime_home())
     config = _config(saved=False, **flags)  # checks the flags as `start` will
+    control.save_start_options(config, {**flags, "use_sudo": use_sudo})  # later commands see them
     choices = install.Choices(flags=_as_arguments(flags, use_sudo), service=not no_service,
                               port_forward=enable_port_forward, forward_http=forward_http, trust_ca=trust_ca,
                               linger=enable_linger)

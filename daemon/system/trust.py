@@ -8,6 +8,7 @@ prints the variables that make them trust the authority too."""
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 from pathlib import Path
 
@@ -62,4 +63,9 @@ def remove(ca: Path | None, platform: str = sys.platform, anchors: Path = LINUX_
     target = anchors / LINUX_NAME
     if target.exists():
         target.unlink()
-        run(["update-ca-certificates", "--fresh"])
+        # update-ca-certificates rebuilds the bundle but leaves our links behind, dangling
+        linked = LINUX_BUNDLE.parent / LINUX_NAME.replace(".crt", ".pem")
+        for link in LINUX_BUNDLE.parent.iterdir():
+            if link.is_symlink() and (link == linked or os.readlink(link) == linked.name):
+                link.unlink()
+        run(["update-ca-certificates"])

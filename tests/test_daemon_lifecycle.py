@@ -153,3 +153,34 @@ def test_the_foreground_start_exits_so_the_service_manager_knows_what_to_do(mode
                 run.kill()
             log.close()
         wait_for(lambda: not any(pid_alive(p) for p in gateway.our_pids()), 30, what="every process to exit")
+
+
+def test_start_through_the_service_manager_waits_for_the_gateway_or_names_why_it_gave_up(models_dir, tmp_path):
+    """`mlxgate start` with the service installed asks the manager to start it; here the
+    manager is stood in for by what it runs, `start --foreground`, in the background."""
+    from mlxgate.config import load_config
+    from mlxgate.supervision import control
+
+    runs = []
+
+    def manager_start(flags):
+        return lambda: runs.append(subprocess.Popen([*MLXGATE, "start", "--foreground", *flags], env=gateway.env,
+                                                    cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
+
+    gateway = Gateway(tmp_path / "home", models_dir, https=False)
+    # what `mlxgate start` reads: the flags `mlxgate service install` saved for the service
+    config = lambda model: load_config(env=gateway.env, overrides={"port": gateway.port,  # noqa: E731
+                                                                   "default_model": model})
+    with pytest.raises(control.StartBlocked, match="model 'not-here' \\(default_model\\) is not on this machine"):
+        control.start_through(manager_start([*gateway.flags, "--default-model", "not-here"]), config("not-here"),
+                              say=lambda _: None, timeout=30)
+    assert runs[-1].wait(10) == 78
+    said = []
+    control.start_through(manager_start([*gateway.flags, "--default-model", "tiny-a"]), config("tiny-a"),
+                          say=said.append)
+    try:
+        assert "  tiny-a is ready on the dynamic server" in " ".join(said)
+        assert control.blocked_cause(gateway.home) is None, "a start that got through forgets the last cause"
+    finally:
+        runs[-1].send_signal(signal.SIGTERM)
+        assert runs[-1].wait(60) == 0

@@ -26,18 +26,30 @@ WORDS = ("the function returns a value when the file is read and the tool writes
          "case while the agent keeps context about every change it made so far").split()
 
 
-def conversation(tokens_wanted: int, seed: int = 0) -> tuple[str, list[dict]]:
-    """(system prompt, earlier turns) of roughly `tokens_wanted` tokens of plain text."""
+def conversation(words: int, seed: int = 0) -> tuple[str, list[dict]]:
+    """(system prompt, earlier turns) of `words` words of plain text."""
     rng = random.Random(seed)
 
-    def text(words: int) -> str:
-        return " ".join(rng.choice(WORDS) for _ in range(words))
-    system = text(tokens_wanted // 3)
+    def text(n: int) -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(n))
+    system = text(words // 3)
     turns = []
     for _ in range(10):
-        turns += [{"role": "user", "content": text(tokens_wanted // 30)},
-                  {"role": "assistant", "content": text(tokens_wanted // 30)}]
+        turns += [{"role": "user", "content": text(words // 30)}, {"role": "assistant", "content": text(words // 30)}]
     return system, turns
+
+
+def sized_conversation(model: Path, tokens: int) -> tuple[str, list[dict]]:
+    """A conversation of about `tokens` tokens for this model's tokenizer."""
+    from mlx_lm.tokenizer_utils import load
+
+    tokenizer = load(model)
+    words = tokens
+    for _ in range(3):
+        system, turns = conversation(words)
+        counted = len(tokenizer.apply_chat_template([{"role": "system", "content": system}] + turns))
+        words = int(words * tokens / counted)
+    return conversation(words)
 
 
 def main() -> int:
@@ -51,7 +63,7 @@ def main() -> int:
     print("starting mlx_lm.server and mlxgate...", file=sys.stderr, flush=True)
     direct = Direct(model)
     gateway = Gateway(work, [model.parent], "--default-model", model.name)
-    system, turns = conversation(args.prefix)
+    system, turns = sized_conversation(model, args.prefix)
     chat_history = [{"role": "system", "content": system}] + turns
     session = requests.Session()
     try:

@@ -181,6 +181,39 @@ def test_a_full_queue_answers_529_and_503_at_once_and_status_shows_it(gw):
     assert_next_request_is_answered(gw)
 
 
+def test_requests_that_arrive_during_a_slow_switch_wait_in_the_queue_and_beyond_it_get_529(gw):
+    """A switch waits (drain_timeout) for the running answer; requests arriving meanwhile wait in the
+    relay's queue, bounded by max_queue, never in the proxy: one more is refused at once."""
+    client, response = open_anthropic_stream(gw)
+    read_until(response, "text_delta")
+    answers: list = []
+
+    def ask(model: str) -> None:
+        try:
+            answers.append(gpt(gw, timeout=120).chat.completions.create(model=model, max_tokens=2,
+                                                                        messages=PROMPT).usage.completion_tokens)
+        except Exception as exc:  # the assertions below show it
+            answers.append(repr(exc))
+    switch = threading.Thread(target=ask, args=("tiny-a",))
+    switch.start()
+    wait_for(lambda: dynamic(gw)["queue"]["draining"], 30, interval=0.05, what="the switch to start draining")
+    waiting = [threading.Thread(target=ask, args=("gpt-4o",)) for _ in range(MAX_QUEUE)]
+    for thread in waiting:
+        thread.start()
+    wait_for(lambda: dynamic(gw)["queue"]["queued"] == MAX_QUEUE, 10, interval=0.05, what="the queue to fill")
+    started = time.monotonic()
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        claude(gw).messages.create(model="claude-opus-4-8", max_tokens=3, messages=PROMPT)
+    assert caught.value.status_code == 529 and time.monotonic() - started < 2
+    assert "busy" in caught.value.message and "waiting (max_queue 8)" in caught.value.message
+    read_error(response)
+    client.close()
+    for thread in [switch, *waiting]:
+        thread.join(180)
+    assert answers == [2] * (1 + MAX_QUEUE), answers
+    assert_next_request_is_answered(gw)
+
+
 def test_a_switch_waits_for_the_running_answer(gw):
     client, response = open_anthropic_stream(gw, max_tokens=400)
     read_until(response, "text_delta")

@@ -21,6 +21,8 @@ import json
 import secrets
 import uuid
 
+import orjson
+
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 SIGNATURE = "bWx4Z2F0ZS1sb2NhbA=="  # thinking blocks carry a signature; ours marks them as local
 
@@ -35,7 +37,7 @@ def tool_use_id(upstream: str | None) -> str:
 
 
 def sse(event: str, data: dict) -> bytes:
-    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+    return b"event: " + event.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
 
 
 class MessageTranslator:

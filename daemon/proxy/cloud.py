@@ -16,6 +16,7 @@ import secrets
 
 from ..api_errors import ANTHROPIC, error_body, kind_for_status
 from ..config import Config
+from ..json_body import dump
 from . import litellm_config
 
 DROPPED_HEADERS = {b"authorization", b"x-api-key", b"content-length", b"content-type", b"api-key"}
@@ -42,7 +43,7 @@ class Cloud:
 
     async def forward(self, scope: dict, data: dict, send, api: str) -> None:
         """A request the hooks sent to a deployment: LiteLLM answers with the hooked body."""
-        body = json.dumps(data).encode()
+        body = dump(data)
         sent = False
 
         async def receive():

@@ -10,7 +10,6 @@ which the relay notices and stops the generation.
 
 from __future__ import annotations
 
-import json
 import logging
 
 import aiohttp
@@ -18,6 +17,7 @@ import aiohttp
 from ..api_errors import error_event
 from ..config import Config
 from ..errors import Unavailable
+from ..json_body import dump
 from ..relay_protocol import MODEL_HEADER, relay_path
 
 log = logging.getLogger("mlxgate.proxy")
@@ -55,7 +55,7 @@ class RelayClient:
         headers = {**self.headers, MODEL_HEADER: model}
         try:
             response = await self._client().post(self.base + relay_path(server, api_path),
-                                                 data=json.dumps(data).encode(), headers=headers)
+                                                 data=dump(data), headers=headers)
         except (aiohttp.ClientError, OSError):
             raise Unavailable(f"the MLX wrapper is not running at {self.base}, so no local model can "
                               f"answer. Check `mlxgate status`.") from None

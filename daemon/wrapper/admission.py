@@ -157,5 +157,6 @@ class Admission:
     def status(self) -> dict:
         with self._cond:
             return {"queued": len(self._waiting), "active": [t.describe() for t in self._active],
+                    "draining": self._holds > 0,
                     "max_queue": self.max_queue, "max_parallel": self.max_parallel,
                     "served": self.served, "refused": self.refused}

@@ -37,7 +37,7 @@ from .. import relay_protocol as paths
 from ..api_errors import ANTHROPIC, OPENAI, error_event, exception_response, kind_of
 from ..catalog import LocalModel, context_length
 from ..errors import BackendError, MlxgateError, RequestRejected, Unavailable
-from ..json_body import parse_object
+from ..json_body import dump, parse_object
 from ..messages.chat import assemble_chat
 from ..messages.events import MessageTranslator, assemble, sse
 from ..messages.openai_request import check_chat, check_completion
@@ -174,7 +174,7 @@ class Relay:
             return error_response(api, exc)
         finally:
             job.release()
-        return Response(json.dumps(answer), mimetype="application/json")
+        return Response(dump(answer), mimetype="application/json")
 
     def _stream(self, api: str, job: Job, produce: Iterator[bytes]) -> Response:
         """A streamed answer whose failures arrive as the API's own error event, and whose
@@ -276,7 +276,7 @@ class Relay:
                 if chunk is None:
                     yield b": keepalive\n\n"
                 elif chunk.get("choices") or wants_usage:
-                    yield f"data: {json.dumps(chunk)}\n\n".encode()
+                    yield b"data: " + dump(chunk) + b"\n\n"
         yield b"data: [DONE]\n\n"
 
 

@@ -20,8 +20,7 @@ _KEEP = 4
 _lock = threading.Lock()
 _loaded: OrderedDict[str, "Counter"] = OrderedDict()
 
-SMALL_PIECE = 256        # characters: tokenizing is cheaper than hashing and remembering
-REMEMBERED_PIECES = 50_000
+REMEMBERED_PIECES = 50_000  # counts of prompt pieces kept (a few MB)
 
 
 class Counter:
@@ -71,8 +70,10 @@ class Counter:
         return total + self._piece(text[start:], remember)
 
     def _piece(self, piece: str, remember: bool) -> int:
-        if len(piece) < SMALL_PIECE or not remember:
-            return self.encode_len(piece) if piece else 0
+        if not piece:
+            return 0
+        if not remember:
+            return self.encode_len(piece)
         key = (len(piece), hash(piece))
         with self._lock:
             count = self._pieces.get(key)

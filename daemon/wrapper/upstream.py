@@ -15,7 +15,10 @@ import socket
 import time
 from typing import Iterator
 
+import orjson
+
 from ..errors import BackendError, RequestRejected
+from ..json_body import dump
 from ..net import peer_closed
 from .admission import Ticket
 
@@ -32,7 +35,7 @@ class Upstream:
         self.buffer = b""
         self.last_data = time.monotonic()
         self.status = 0
-        payload = json.dumps(body).encode()
+        payload = dump(body)
         try:
             self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
             self.sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
@@ -114,7 +117,7 @@ class Upstream:
                 payload = line[5:].strip()
                 if payload == b"[DONE]":
                     return
-                chunk = json.loads(payload)
+                chunk = orjson.loads(payload)
                 if isinstance(chunk, dict) and "error" in chunk:
                     raise BackendError(f"the model server failed: {chunk['error']}")
                 yield chunk

@@ -1,0 +1,99 @@
+"""Throughput with concurrent clients: N clients each asking for a long answer at once, through
+mlxgate (both APIs) and straight to mlx_lm.server, same model, same run. mlx_lm.server batches
+concurrent requests; the gateway must let it (several requests in flight per model server).
+
+Reports generated tokens per second over the wall time of each round (all clients start
+together; the round ends when the last answer is complete), median of the rounds.
+
+    .venv/bin/python bench/concurrency.py --clients 8 --tokens 256 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+from stack import Direct, Gateway, demo_model, headers, median
+
+PROMPT = [{"role": "user", "content": "Write a long story about the sea"}]
+
+
+def one_round(url: str, body: dict, key: str | None, clients: int, usage_key: str) -> float:
+    """Tokens per second for `clients` concurrent non-streamed requests."""
+    counts: list[int] = []
+    errors: list[str] = []
+    barrier = threading.Barrier(clients + 1)
+
+    def client() -> None:
+        session = requests.Session()
+        barrier.wait()
+        response = session.post(url, json=body, headers=headers(key), timeout=600)
+        if response.status_code != 200:
+            errors.append(response.text[:200])
+            return
+        counts.append(response.json()["usage"][usage_key])
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    if errors:
+        raise SystemExit(f"{url}: {errors[0]}")
+    return sum(counts) / elapsed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8], help="concurrent clients per round")
+    parser.add_argument("--tokens", type=int, default=256, help="tokens each answer generates")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="mlxgate-concurrency-"))
+    model = demo_model(work / "models" / "bench-model", "--context", "32768")
+    print("starting mlx_lm.server and mlxgate...", file=sys.stderr, flush=True)
+    direct = Direct(model)
+    gateway = Gateway(work, [model.parent], "--default-model", model.name, "--max-tokens", str(args.tokens))
+    chat = {"messages": PROMPT, "max_tokens": args.tokens}
+    paths = {
+        "direct": (direct.url + "/v1/chat/completions", chat, None, "completion_tokens"),
+        "mlxgate openai": (gateway.url + "/v1/chat/completions", {"model": "gpt-4o", **chat}, gateway.key,
+                           "completion_tokens"),
+        "mlxgate anthropic": (gateway.url + "/v1/messages", {"model": "claude-opus-4-8", **chat}, gateway.key,
+                              "output_tokens"),
+    }
+    try:
+        for url, body, key, usage in paths.values():  # warm up
+            one_round(url, body, key, 2, usage)
+        rows = []
+        for clients in args.clients:
+            rates = {name: [] for name in paths}
+            for _ in range(args.rounds):
+                for name, (url, body, key, usage) in paths.items():
+                    rates[name].append(one_round(url, body, key, clients, usage))
+            rows.append((clients, {name: median(r) for name, r in rates.items()}))
+        print(f"\n{args.tokens}-token answers, all clients at once, tokens/s over the round's wall time, median of "
+              f"{args.rounds} rounds (max_parallel {gateway.servers()['dynamic']['queue']['max_parallel']})\n")
+        print("| clients | direct tok/s | mlxgate openai tok/s | ratio | mlxgate anthropic tok/s | ratio |")
+        print("|---:|---:|---:|---:|---:|---:|")
+        for clients, rate in rows:
+            d = rate["direct"]
+            print(f"| {clients} | {d:.0f} | {rate['mlxgate openai']:.0f} | {rate['mlxgate openai'] / d:.2f}x | "
+                  f"{rate['mlxgate anthropic']:.0f} | {rate['mlxgate anthropic'] / d:.2f}x |")
+    finally:
+        gateway.stop()
+        direct.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -18,6 +18,7 @@ import yaml
 
 from . import PROJECT_ROOT
 from .errors import ConfigError
+from .hosts.entries import HostEntry, parse_hosts
 
 DEFAULT_CONFIG = PROJECT_ROOT / "config" / "gateway.yaml"
 DEFAULT_HOME = Path("~/.mlxgate")
@@ -144,6 +145,47 @@ class _Invalid(ValueError):
     def __init__(self, problem: str, got: str, at: tuple = ()):
         super().__init__(problem)
         self.got, self.at = got, at
+
+
+def _listen(value: Any) -> str | None:
+    address = _optional_text(value)
+    if address in ("0.0.0.0", "::", "*"):
+        raise ValueError("expected the one address other machines reach this one at (its certificate "
+                         "carries it), not a wildcard")
+    if address is not None:
+        _host(address)
+    return address
+
+
+def _hosts(value: Any) -> tuple[HostEntry, ...]:
+    return parse_hosts(value)
+
+
+DISTRIBUTED_BACKENDS = ("ring", "jaccl", "mpi")
+
+
+def _distributed(value: Any) -> dict[str, Any]:
+    """One model across machines: `mlx.launch` runs the dynamic server on `hosts` (one
+    rank each, the first is this machine), sharded by tensor or `pipeline` parallelism."""
+    if value is None or value == {}:
+        return {}
+    if not isinstance(value, dict) or not set(value) <= {"hosts", "backend", "pipeline", "starting_port"}:
+        raise _Invalid("expected a mapping with keys among hosts, backend, pipeline, starting_port",
+                       got=_kind(value) if not isinstance(value, dict) else f"keys {sorted(value)}")
+    hosts = value.get("hosts")
+    if not isinstance(hosts, list) or len(hosts) < 2 or not all(isinstance(h, str) and h.strip() for h in hosts):
+        raise _Invalid("expected a list of at least two addresses, one per rank (the first is this machine)",
+                       at=("hosts",), got=_kind(hosts))
+    backend = value.get("backend", "ring")
+    if backend not in DISTRIBUTED_BACKENDS:
+        raise _Invalid(f"expected one of {', '.join(DISTRIBUTED_BACKENDS)}", at=("backend",), got=repr(backend))
+    try:
+        pipeline = _boolean(value.get("pipeline", False))
+        starting_port = _port(value.get("starting_port", 32323))
+    except ValueError as exc:
+        raise _Invalid(str(exc), got="a bad value") from None
+    return {"hosts": [h.strip() for h in hosts], "backend": backend, "pipeline": pipeline,
+            "starting_port": starting_port}
 
 
 LITELLM_SECTIONS = ("model_list", "litellm_settings", "router_settings")
@@ -281,6 +323,20 @@ SETTINGS: tuple[Setting, ...] = (
             "model_list, litellm_settings and router_settings.",
             "{model_list: [{model_name: claude-opus-4-8, litellm_params: {model: anthropic/claude-opus-4-8, "
             "api_key: os.environ/ANTHROPIC_API_KEY}}]}"),
+    # ---- several machines (see `mlxgate.hosts`)
+    Setting("listen", _listen, None, "MLXGATE_LISTEN",
+            "Address other gateways reach this machine's relay at, over TLS with the key (its "
+            "certificate carries it); none: the relay serves loopback only.", "192.168.1.20"),
+    Setting("listen_port", _port, 11434, "MLXGATE_LISTEN_PORT",
+            "Port of the relay's TLS listener on the listen address.", "11434"),
+    Setting("hosts", _hosts, [], None,
+            "Other mlxgate machines requests may go to, each {name, url, ca_sha256}; "
+            "`mlxgate hosts add` writes them.",
+            "[{name: studio, url: 'https://192.168.1.20:11434', ca_sha256: 9f86d0...}]"),
+    Setting("distributed", _distributed, {}, None,
+            "Serve the dynamic model across machines with mlx.launch: {hosts: [addresses, one per rank, "
+            "this machine first], backend: ring, pipeline: false, starting_port: 32323}.",
+            "{hosts: [10.0.0.1, 10.0.0.2], backend: ring}"),
 )
 
 SETTINGS_BY_KEY = {s.key: s for s in SETTINGS}
@@ -426,6 +482,8 @@ def load_config(path: Path | None = None, env: Mapping[str, str] = os.environ,
              "wrapper_url": urlparse(values["wrapper_url"]).port, "port": values["port"]}
     if values["enable_https"]:
         ports["https_port"] = values["https_port"]
+    if values["listen"]:
+        ports["listen_port"] = values["listen_port"]
     if values["fixed_model"]:
         values["default_model"] = values["fixed_model"]
     if len(set(ports.values())) != len(ports):

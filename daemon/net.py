@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import select
 import socket
+import ssl
+
+TLS_ALERT = 0x15  # a TLS 1.2 record of this type from a client that is waiting is its close_notify
 
 
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
@@ -17,10 +20,20 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
 
 
 def peer_closed(sock: socket.socket) -> bool:
-    """True when the other end has closed the connection; never reads data and never waits."""
+    """True when the other end has closed the connection; never reads data and never waits.
+
+    On a TLS connection the bytes are peeked below the encryption: a client that closes
+    sends a close_notify alert first, which a TLS 1.2 record header shows (the relay's TLS
+    listener speaks TLS 1.2 for that reason; TLS 1.3 hides record types)."""
     try:
         readable, _, _ = select.select([sock], [], [], 0)
-        return bool(readable) and sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        if not readable:
+            return False
+        if isinstance(sock, ssl.SSLSocket):
+            with socket.fromfd(sock.fileno(), sock.family, sock.type) as raw:
+                head = raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            return head == b"" or head[0] == TLS_ALERT
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
     except (BlockingIOError, InterruptedError):
         return False
     except (OSError, ValueError):

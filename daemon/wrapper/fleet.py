@@ -10,6 +10,7 @@ import time
 from ..catalog import Catalog, LocalModel, for_config
 from ..config import Config
 from ..errors import Unavailable
+from ..hosts.weights import weights_digest
 from .admission import Admission
 from .model_server import Launcher, ModelServer
 
@@ -27,8 +28,9 @@ class Fleet:
         self._stopping = threading.Event()
         self.catalog = catalog or for_config(config)
         launcher = launcher or Launcher(config.log_dir, config.server_args)
+        launchers = {"dynamic": _group_launcher(config, launcher), "autocomplete": launcher}
         self.servers = {
-            role: ModelServer(role, port, launcher, config.load_timeout,
+            role: ModelServer(role, port, launchers[role], config.load_timeout,
                               admission=Admission(role, config.max_parallel, config.max_queue),
                               drain_timeout=config.drain_timeout)
             for role, port in (("dynamic", config.dynamic_port), ("autocomplete", config.autocomplete_port))
@@ -130,11 +132,22 @@ class Fleet:
             server.kill_now()
 
 
+def _group_launcher(config: Config, launcher: Launcher) -> Launcher:
+    """The dynamic server runs across machines when `distributed` says so (see `distributed`)."""
+    if not config.distributed:
+        return launcher
+    from dataclasses import replace
+
+    from .distributed import launcher as group
+    return replace(launcher, launch=group(config.distributed))
+
+
 def _model_row(model: LocalModel, where: list[dict]) -> dict:
     return {
         "name": model.name,
         "path": str(model.path),
         "source": model.source,
+        "weights": weights_digest(model.path),  # what `hosts add` compares across machines
         "loaded": any(s["state"] == "ready" for s in where),
         "servers": [{"role": s["role"], "state": s["state"], "port": s["port"]} for s in where],
     }

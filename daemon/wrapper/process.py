@@ -58,12 +58,21 @@ class ServerProcess:
             self.popen.wait()
 
     def cpu_seconds(self) -> float | None:
-        """CPU time the process has used so far (None if it cannot be read)."""
+        """CPU time the process and its children (a group's ranks) have used so far (None if
+        it cannot be read)."""
         try:
-            times = psutil.Process(self.pid).cpu_times()
+            process = psutil.Process(self.pid)
+            tree = [process, *process.children(recursive=True)]
         except psutil.Error:
             return None
-        return times.user + times.system
+        total = 0.0
+        for member in tree:
+            try:
+                times = member.cpu_times()
+            except psutil.Error:
+                continue
+            total += times.user + times.system
+        return total
 
     def log_tail(self, lines: int = 20) -> list[str]:
         """The last lines this process wrote (not earlier runs in the same log)."""
@@ -84,8 +93,13 @@ class ServerProcess:
         return tail[-1].strip() if tail else "no output"
 
 
-def launch(model_path: Path, port: int, log_path: Path, extra_args: Sequence[str] = ()) -> ServerProcess:
-    """Start `mlx_lm.server` for `model_path` on 127.0.0.1:`port`, tied to this process.
+MODEL_PROCESS = ("-m", "mlxgate.wrapper.model_process")
+
+
+def launch(model_path: Path, port: int, log_path: Path, extra_args: Sequence[str] = (),
+           entry: Sequence[str] = MODEL_PROCESS) -> ServerProcess:
+    """Start `mlx_lm.server` for `model_path` on 127.0.0.1:`port`, tied to this process
+    (`entry`: what python runs; a group's head for a model across machines).
 
     The child gets a pipe on stdin whose write end only we hold: its first line is the
     secret requests must carry; the child exits when the pipe closes, so it cannot outlive
@@ -97,7 +111,7 @@ def launch(model_path: Path, port: int, log_path: Path, extra_args: Sequence[str
     log.flush()
     offset = log.tell()
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    command = [sys.executable, "-m", "mlxgate.wrapper.model_process", "--model", str(model_path),
+    command = [sys.executable, *entry, "--model", str(model_path),
                "--host", "127.0.0.1", "--port", str(port), *extra_args]
     try:
         popen = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,

@@ -107,7 +107,8 @@ class Relay:
 
     def _join(self, server: ModelServer, route: str, model: LocalModel, body: dict, path: str) -> Job:
         ticket = server.admission.join(route, model)
-        return Job(server, ticket, body, path, request.environ.get("gunicorn.socket"))
+        client = request.environ.get("gunicorn.socket") or request.environ.get("werkzeug.socket")  # see `listen`
+        return Job(server, ticket, body, path, client)
 
     # ------------------------------------------------------------------ turn and generation
     def _turn(self, job: Job) -> Iterator[None]:

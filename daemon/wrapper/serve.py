@@ -51,7 +51,11 @@ class WrapperApplication(BaseApplication):
         self.fleet = Fleet(self.config)
         self.fleet.start_configured()
         self.fleet.start_watchdog()
-        return create_app(self.fleet, self.config.api_key)
+        app = create_app(self.fleet, self.config.api_key)
+        if self.config.listen:  # other gateways reach this host's relay (see `listen`)
+            from .listen import start
+            start(self.config, app)
+        return app
 
     def _worker_exit(self, server, worker) -> None:
         if self.fleet is not None:

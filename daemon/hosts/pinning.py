@@ -1,0 +1,89 @@
+"""Trust between a gateway and its hosts: the host's certificate authority, pinned.
+
+A host serves its relay beyond loopback over TLS only, with a certificate from its own
+local authority that carries the address it listens on. `hosts add` fetches that
+authority's certificate (`GET /ca.pem`, the one thing the listener answers without the
+key), shows its fingerprint to be compared with what the host prints (as SSH shows a
+host key), and keeps it. From then on the gateway trusts that authority alone for that
+host, the address checked against the certificate: a host whose certificate does not
+come from its pinned authority is refused before any key or request is sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import ssl
+from pathlib import Path
+from urllib.parse import urlparse
+
+from ..errors import MlxgateError
+from .entries import HostEntry, shown_fingerprint
+
+CA_PATH = "/ca.pem"
+
+
+class HostRefused(MlxgateError):
+    """A host cannot be trusted or reached as configured."""
+
+    kind = "unavailable"
+
+
+def fingerprint(pem: bytes) -> str:
+    """SHA-256 of a certificate (DER), lowercase hex."""
+    return hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem.decode("ascii"))).hexdigest()
+
+
+def fetch_authority(url: str, timeout: float = 10.0) -> bytes:
+    """The authority certificate a host presents at `GET /ca.pem`. Fetched without
+    verification: what makes it trusted is the person comparing its fingerprint."""
+    parsed = urlparse(url)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    connection = http.client.HTTPSConnection(parsed.hostname, parsed.port, context=context, timeout=timeout)
+    try:
+        connection.request("GET", CA_PATH)
+        response = connection.getresponse()
+        body = response.read()
+    except (OSError, http.client.HTTPException) as exc:
+        raise HostRefused(f"{url} did not answer over TLS ({type(exc).__name__}: {exc}). Fix: start mlxgate "
+                          f"there with `--listen ADDRESS` and check the address and port.") from None
+    finally:
+        connection.close()
+    if response.status != 200 or b"BEGIN CERTIFICATE" not in body:
+        raise HostRefused(f"{url} is not an mlxgate host listener (GET {CA_PATH} answered {response.status}). "
+                          f"Fix: give the address and port it printed at `mlxgate start --listen`.")
+    return body
+
+
+def verifying_context(ca_pem: bytes) -> ssl.SSLContext:
+    """TLS that trusts `ca_pem` alone and checks the address against the certificate."""
+    context = ssl.create_default_context(cadata=ca_pem.decode("ascii"))
+    context.check_hostname = True
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def pinned_context(entry: HostEntry, home: Path) -> ssl.SSLContext:
+    """The TLS context for one configured host; `HostRefused` when its pinned authority is
+    missing or is not the one the config's fingerprint names."""
+    path = entry.ca_path(home)
+    try:
+        pem = path.read_bytes()
+    except OSError:
+        raise HostRefused(f"host {entry.name}: its pinned authority {path} is missing. Fix: "
+                          f"`mlxgate hosts add {entry.name} {entry.url} --key KEY` again.") from None
+    if fingerprint(pem) != entry.ca_sha256:
+        raise HostRefused(f"host {entry.name}: {path} is not the authority the config pins "
+                          f"({shown_fingerprint(entry.ca_sha256)}). Fix: `mlxgate hosts add` it again.")
+    return verifying_context(pem)
+
+
+def read_key(entry: HostEntry, home: Path) -> str:
+    path = entry.key_path(home)
+    try:
+        return path.read_text().strip()
+    except OSError:
+        raise HostRefused(f"host {entry.name}: its key file {path} is missing. Fix: "
+                          f"`mlxgate hosts add {entry.name} {entry.url} --key KEY` again.") from None

@@ -69,6 +69,9 @@ def start_options(command):
         click.option("--autocomplete-model", help="small model kept loaded for autocomplete"),
         click.option("--fixed-model", help="serve every requested name with this one model"),
         click.option("--use-sudo", is_flag=True, help="start the listeners through sudo (ports < 1024)"),
+        click.option("--listen", metavar="ADDRESS",
+                     help="also serve the relay to other gateways at ADDRESS (TLS, key required)"),
+        click.option("--listen-port", type=int, help="port of that TLS listener (default 11434)"),
     ]
     for option in reversed(options):
         command = option(command)
@@ -224,6 +227,7 @@ def status() -> int:
     config = _config()
     healthy, rows = control.status(config)
     rows.append(_service_row(config))
+    rows += _host_rows(config)
     cause = control.blocked_cause(config.home)
     if cause:
         healthy = False
@@ -231,6 +235,14 @@ def status() -> int:
                                                f"(`mlxgate doctor` shows the fix)"))
     _table(("PART", "STATE", "DETAIL"), rows)
     return 0 if healthy else 1
+
+
+def _host_rows(config: Config) -> list[tuple[str, str, str]]:
+    """This machine's listener (what other gateways pin) and each host it sends requests to."""
+    from .hosts.admit import listen_row, rows
+
+    listen = listen_row(config)
+    return ([listen] if listen else []) + rows(config)
 
 
 def _service_row(config: Config) -> tuple[str, str, str]:
@@ -475,6 +487,52 @@ def demo_model(folder: str, seed: int, layers: int, hidden: int, context: int, s
           f"seed {spec.seed}) in {time.monotonic() - started:.1f} s. {what}\n"
           f"Serve it: put it under a model directory (model_dirs) and `mlxgate load NAME`, NAME being "
           f"its folder path inside that directory.")
+    return 0
+
+
+# ------------------------------------------------------------------ other machines
+@cli.group()
+def hosts():
+    """other mlxgate machines this gateway sends requests to"""
+
+
+@hosts.command("add")
+@click.argument("name")
+@click.argument("url")
+@click.option("--key", required=True, help="that host's API key (its `mlxgate env` prints it)")
+@click.option("--fingerprint", help="its authority's fingerprint, when you have it (else you are asked)")
+@click.option("--yes", is_flag=True, help="trust the fingerprint shown without asking")
+def hosts_add(name: str, url: str, key: str, fingerprint: str | None, yes: bool) -> int:
+    """pin a host's authority, check its key and models, and add it (URL: https://ADDRESS:PORT)"""
+    from .hosts.admit import add
+
+    entry, answer = add(_config(), name, url, key, confirm=lambda text: yes or click.confirm(text),
+                        expected=fingerprint)
+    print(f"added host {entry.name} at {entry.url} ({len(answer.get('models') or ())} models); "
+          f"restart the proxy to use it: `mlxgate restart proxy`")
+    return 0
+
+
+@hosts.command("remove")
+@click.argument("name")
+def hosts_remove(name: str) -> int:
+    """forget a host (its entry, key and pinned authority)"""
+    from .hosts.admit import remove
+
+    entry = remove(_config(), name)
+    print(f"removed host {entry.name}; restart the proxy to stop using it: `mlxgate restart proxy`")
+    return 0
+
+
+@hosts.command("list")
+def hosts_list() -> int:
+    """show each host: reachable, loaded models, queues"""
+    config = _config()
+    rows = _host_rows(config)
+    if not rows:
+        print("no hosts: `mlxgate hosts add NAME https://ADDRESS:PORT --key KEY` adds one")
+        return 0
+    _table(("PART", "STATE", "DETAIL"), rows)
     return 0
 
 

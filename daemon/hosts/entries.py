@@ -95,7 +95,7 @@ def _without_hosts_block(lines: list[str]) -> list[str]:
     """The file's lines without its top-level `hosts:` block (the rest, comments included, kept)."""
     kept, inside = [], False
     for line in lines:
-        top = bool(line) and not line[0].isspace() and not line.startswith("#")
+        top = bool(line) and not line[0].isspace() and not line.startswith(("#", "-"))
         if top:
             inside = re.match(r"hosts\s*:", line) is not None
         if not inside:

@@ -87,3 +87,29 @@ def read_key(entry: HostEntry, home: Path) -> str:
     except OSError:
         raise HostRefused(f"host {entry.name}: its key file {path} is missing. Fix: "
                           f"`mlxgate hosts add {entry.name} {entry.url} --key KEY` again.") from None
+
+
+def get_json(url: str, path: str, key: str, context: ssl.SSLContext, timeout: float = 10.0) -> dict:
+    """A GET to a host with its key, over TLS verified by `context` (`HostRefused` when the
+    certificate, the key or the host itself fails)."""
+    import json
+
+    parsed = urlparse(url)
+    connection = http.client.HTTPSConnection(parsed.hostname, parsed.port, context=context, timeout=timeout)
+    try:
+        connection.request("GET", path, headers={"Authorization": f"Bearer {key}"})
+        response = connection.getresponse()
+        body = response.read()
+    except ssl.SSLCertVerificationError as exc:
+        raise HostRefused(f"{url}: refused, its certificate does not come from the pinned authority or does not "
+                          f"carry this address ({exc.verify_message}). Fix: if the host made a new authority, "
+                          f"check its fingerprint there and `mlxgate hosts add` it again.") from None
+    except (OSError, http.client.HTTPException) as exc:
+        raise HostRefused(f"{url} did not answer ({type(exc).__name__}: {exc})") from None
+    finally:
+        connection.close()
+    if response.status == 401:
+        raise HostRefused(f"{url} refused the key (401). Fix: give the key that host's `mlxgate env` prints.")
+    if response.status != 200:
+        raise HostRefused(f"{url} answered {response.status} to GET {path}")
+    return json.loads(body)

@@ -35,13 +35,14 @@ KEY_HINT = ("invalid or missing API key: send it as `x-api-key` (Anthropic clien
 
 class Edge:
     def __init__(self, config: Config, hooks: Hooks | None = None, relay: RelayClient | None = None,
-                 cloud=None, stand_in: bool = False):
+                 cloud=None, stand_in: bool = False, hosts=None):
         self.config = config
         self.api_key = config.api_key.encode() if config.api_key else None
         self.stand_in = stand_in  # any credential from loopback passes (see `_stand_in_lets_in`)
         self.hooks = hooks or Hooks(config)
         self.relay = relay or RelayClient(config)
         self.cloud = cloud
+        self.hosts = hosts  # `HostRouting` when the config lists other machines
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":
@@ -86,6 +87,8 @@ class Edge:
                 return await _error(send, api, "not_found", f"model {target.model!r} names a LiteLLM deployment, "
                                     f"but the config's litellm: section lists none")
             call = self.cloud.forward(scope, ctx.data, send, api)
+        elif self.hosts is not None:  # several machines: the best place for it (see `hosts`)
+            call = self.hosts.forward(send, api, target, route.name, route.relay_path, ctx.data)
         else:
             call = self.relay.forward(send, api, target.server, route.relay_path, target.model, ctx.data)
         return await self._guarded(send, api, _until_disconnect(call, receive))
@@ -98,7 +101,8 @@ class Edge:
             await _reply(send, *exception_response(api, exc))
 
     async def _models(self, send) -> None:
-        await _json(send, 200, json.dumps(await models(self.config, self.relay)).encode())
+        hosted = self.hosts.model_names() if self.hosts is not None else ()
+        await _json(send, 200, json.dumps(await models(self.config, self.relay, hosted)).encode())
 
     async def _body(self, headers: dict, receive, send, api: str) -> bytes | None:
         """The whole body, or None once an answer (413) was sent or the client left."""
@@ -138,6 +142,8 @@ class Edge:
             if message["type"] == "lifespan.startup":
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                if self.hosts is not None:
+                    await self.hosts.close()
                 await self.relay.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
@@ -205,5 +211,9 @@ def build(config: Config, https: bool = False) -> Edge:
         from .cloud import Cloud
         cloud = Cloud(config)
     stand_in = https and bool(config.ssl_domain) and config.stand_in_any_key
-    return Edge(config, cloud=cloud, stand_in=stand_in)
+    relay, hosts = RelayClient(config), None
+    if config.hosts:
+        from .hosts import HostRouting
+        hosts = HostRouting(config, relay)
+    return Edge(config, relay=relay, cloud=cloud, stand_in=stand_in, hosts=hosts)
 

@@ -1,6 +1,7 @@
 """`GET /v1/models`: what the gateway serves, in a shape both SDKs read (Anthropic's
 `type`/`display_name`/`created_at`/`has_more` and OpenAI's `object`/`created`/`owned_by`):
-the local models, the autocomplete alias and the `litellm:` section's deployments."""
+the local models, the hosts' models, the autocomplete alias and the `litellm:` section's
+deployments."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from ..config import Config
 from .relay_client import RelayClient
 
 
-async def models(config: Config, relay: RelayClient) -> dict:
+async def models(config: Config, relay: RelayClient, hosted: tuple[str, ...] = ()) -> dict:
     rows = (await relay.get_json("/models")).get("models") or []
-    names = [row["name"] for row in rows]
+    names = [row["name"] for row in rows] + list(hosted)
     if config.autocomplete_alias and config.autocomplete_model:
         names.append(config.autocomplete_alias)
     names += [entry["model_name"] for entry in (config.litellm or {}).get("model_list") or ()

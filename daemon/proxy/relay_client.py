@@ -26,39 +26,56 @@ PASSED_HEADERS = ("content-type", "content-length", "cache-control", "retry-afte
 
 
 class RelayClient:
-    def __init__(self, config: Config):
-        self.base = config.wrapper_url
+    def __init__(self, config: Config | None = None, *, base: str | None = None, key: str | None = None,
+                 ssl=None, what: str | None = None):
+        """This machine's relay (`config`), or another host's (`base`, its `key`, the TLS
+        context that trusts its pinned authority, `what` it is called in messages)."""
+        self.base = base or config.wrapper_url
+        key = key if base else config.api_key
+        self.what = what or "the MLX wrapper"
+        self.ssl = ssl
         self.headers = {"content-type": "application/json"}
-        if config.api_key:
-            self.headers["authorization"] = f"Bearer {config.api_key}"
+        if key:
+            self.headers["authorization"] = f"Bearer {key}"
         self._session: aiohttp.ClientSession | None = None
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30,
+                                               **({"ssl": self.ssl} if self.ssl is not None else {})),
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=10), auto_decompress=False)
         return self._session
 
-    async def get_json(self, path: str) -> dict:
+    async def get_json(self, path: str, timeout: float | None = None) -> dict:
         """A management call (e.g. GET /models); `Unavailable` when the wrapper does not answer."""
         try:
-            async with self._client().get(self.base + path, headers=self.headers) as response:
+            async with self._client().get(self.base + path, headers=self.headers,
+                                          timeout=aiohttp.ClientTimeout(total=timeout)) as response:
                 response.raise_for_status()
                 return await response.json()
-        except (aiohttp.ClientError, OSError, ValueError) as exc:
-            raise Unavailable(f"the MLX wrapper at {self.base} did not answer ({type(exc).__name__}). "
+        except (aiohttp.ClientError, OSError, ValueError, TimeoutError) as exc:
+            raise Unavailable(f"{self.what} at {self.base} did not answer ({type(exc).__name__}). "
                               f"Check `mlxgate status`.") from None
 
     async def forward(self, send, api: str, server: str, api_path: str, model: str, data: dict) -> None:
         """POST `data` to the relay and send its answer to the client (ASGI `send`)."""
+        await self.pipe(await self.open(server, api_path, model, data), send, api)
+
+    async def open(self, server: str, api_path: str, model: str, data: dict) -> aiohttp.ClientResponse:
+        """POST `data` to the relay; its answer, nothing sent to the client yet."""
         headers = {**self.headers, MODEL_HEADER: model}
         try:
-            response = await self._client().post(self.base + relay_path(server, api_path),
-                                                 data=dump(data), headers=headers)
-        except (aiohttp.ClientError, OSError):
-            raise Unavailable(f"the MLX wrapper is not running at {self.base}, so no local model can "
-                              f"answer. Check `mlxgate status`.") from None
+            return await self._client().post(self.base + relay_path(server, api_path),
+                                             data=dump(data), headers=headers)
+        except (aiohttp.ClientError, OSError) as exc:
+            raise Unavailable(f"{self.what} is not answering at {self.base} ({type(exc).__name__}), so no "
+                              f"local model can answer. Check `mlxgate status`.") from None
+
+    async def pipe(self, response: aiohttp.ClientResponse, send, api: str) -> bool:
+        """Send the relay's answer to the client as it comes; False when the relay went away
+        before the end (a stream then ends with the API's error event)."""
+        complete = True
         async with response:
             await send({"type": "http.response.start", "status": response.status,
                         "headers": [(k.encode(), v.encode()) for k, v in response.headers.items()
@@ -67,12 +84,14 @@ class RelayClient:
                 async for chunk in response.content.iter_any():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
             except (aiohttp.ClientError, OSError) as exc:
-                log.warning("the relay connection failed mid-answer: %s", exc)
+                log.warning("the relay connection to %s failed mid-answer: %s", self.base, exc)
+                complete = False
                 if response.content_type == "text/event-stream":
                     await send({"type": "http.response.body", "more_body": True, "body": error_event(
-                        api, "backend_error", "the MLX wrapper closed the stream before the answer was "
-                                              "complete (it may have been restarted)")})
+                        api, "backend_error", f"{self.what} closed the stream before the answer was "
+                                              f"complete (it may have been restarted)")})
             await send({"type": "http.response.body", "body": b""})
+        return complete
 
     async def close(self) -> None:
         if self._session is not None:

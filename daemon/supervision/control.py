@@ -269,6 +269,11 @@ def prepare(config: Config, use_sudo: bool = False, say: Callable[[str], None] =
             https_conf.write_text(HTTPS_PROGRAM.replace("{root}", str(PROJECT_ROOT)))
         elif https_conf.exists():
             https_conf.unlink()
+        if config.listen:  # the relay's TLS listener for other gateways (see `wrapper.listen`)
+            from ..hosts.admit import listen_row
+            from ..wrapper.listen import tls_context
+            tls_context(config)
+            say("serving other gateways at " + listen_row(config)[2])
         litellm_config.write(config)
     except StartBlocked:
         raise

@@ -26,16 +26,31 @@ import yaml
 
 from support import Gateway, claude, gpt, mlxgate, pid_alive, wait_for
 
-ADDRESSES = {"b": "127.0.0.2", "c": "127.0.0.3", "d": "127.0.0.4"}
-DEFAULTS = {"b": "tiny-c", "c": "tiny-a", "d": "tiny-a"}
+ADDRESSES = {"b": "127.0.0.2", "c": "127.0.0.3", "d": "127.0.0.4", "g": "127.0.0.5"}
+DEFAULTS = {"b": "tiny-c", "c": "tiny-a", "d": "tiny-a", "g": "org/tiny-b"}
+
+RECORDER = """
+import os
+
+import mlxgate
+
+
+@mlxgate.hookimpl
+def mlxgate_pre_call(ctx):
+    with open(os.path.join(os.environ["MLXGATE_HOME"], "hook-calls.log"), "a") as log:
+        log.write(f"{ctx.route} {ctx.requested_model}\\n")
+"""
 
 
 class Host(Gateway):
-    def __init__(self, name: str, home, models):
+    def __init__(self, name: str, home, models, settings: dict | None = None):
         from support import free_port
         self.name, self.listen_port = name, free_port()
         super().__init__(home, models, "--default-model", DEFAULTS[name], "--listen", ADDRESSES[name],
                          "--listen-port", str(self.listen_port), https=False, max_tokens=2000)
+        (home / "plugins" / "recorder.py").write_text(RECORDER)
+        if settings:
+            (home / "gateway.yaml").write_text(yaml.safe_dump(settings))
 
     @property
     def relay_url(self) -> str:
@@ -47,8 +62,9 @@ class Host(Gateway):
 
 @pytest.fixture(scope="module")
 def cluster(models_dir, tmp_path_factory):
-    hosts = {name: Host(name, tmp_path_factory.mktemp(f"host-{name}"), models_dir) for name in ADDRESSES}
+    hosts = {name: Host(name, tmp_path_factory.mktemp(f"host-{name}"), models_dir) for name in "bcd"}
     front = Gateway(tmp_path_factory.mktemp("front"), models_dir, https=False, max_tokens=2000)
+    (front.home / "plugins" / "recorder.py").write_text(RECORDER)
     started = []
     try:
         for host in hosts.values():
@@ -125,16 +141,15 @@ def test_a_wrong_fingerprint_or_a_clashing_model_is_refused(cluster, models_dir,
 def test_a_model_loaded_on_one_host_goes_there_and_loads_nowhere_else(cluster):
     front, hosts = cluster
     loads = {name: host.dynamic()["loads"] for name, host in hosts.items()}
-    answer, where = ask(front, "tiny-c")
-    assert where == "b" and answer["choices"][0]["message"]["content"] is not None
-    for name in ("claude-x", "tiny-c"):  # hooks ran in the front: an alias resolves there
-        _, where = ask(front, "tiny-c")
-        assert where == "b"
+    for _ in range(3):
+        answer, where = ask(front, "tiny-c")
+        assert where == "b" and answer["choices"][0]["message"]["content"] is not None
     assert {name: host.dynamic()["loads"] for name, host in hosts.items()} == loads
     assert {name: host.dynamic()["model"] for name, host in hosts.items()} == DEFAULTS
     front_servers = front.wrapper_call("GET", "/models").json()["servers"]
     assert front_servers["dynamic"]["state"] == "stopped"
-    assert not (hosts["b"].home / "hook-calls.log").exists()
+    assert "chat_completions tiny-c" in (front.home / "hook-calls.log").read_text()  # the hooks ran once,
+    assert not (hosts["b"].home / "hook-calls.log").exists()  # in the gateway that received the request
 
 
 def test_twelve_concurrent_clients_spread_over_the_hosts_with_the_model(cluster):
@@ -180,3 +195,129 @@ def test_a_prompt_cache_key_keeps_a_conversation_on_its_host(cluster):
         _, where = ask(front, "tiny-a", f"turn {turn} says something else", prompt_cache_key="session-42")
         homes.add(where)
     assert len(homes) == 1
+
+
+# ---------------------------------------------------------------- trust
+def test_a_host_whose_certificate_is_not_from_its_pinned_authority_is_refused(cluster):
+    front, hosts = cluster
+    config_file = front.home / "gateway.yaml"
+    before = config_file.read_text()
+    config = yaml.safe_load(before)
+    d = next(h for h in config["hosts"] if h["name"] == "d")
+    # "evil" claims b's address but pins d's authority: b's certificate does not come from it
+    config["hosts"].append({"name": "evil", "url": hosts["b"].relay_url, "ca_sha256": d["ca_sha256"]})
+    shutil.copy(front.home / "hosts" / "d-ca.pem", front.home / "hosts" / "evil-ca.pem")
+    (front.home / "hosts" / "evil.key").write_text(hosts["b"].api_key)
+    config_file.write_text(yaml.safe_dump(config))
+    try:
+        mlxgate("restart", "proxy", env=front.env, check=True)
+        listed = mlxgate("hosts", "list", env=front.env).stdout
+        assert "host evil  REFUSED" in listed and "pinned authority" in listed, listed
+        for _ in range(4):
+            assert ask(front, "tiny-c")[1] == "b"
+    finally:
+        config_file.write_text(before)
+        mlxgate("restart", "proxy", env=front.env, check=True)
+
+
+# ---------------------------------------------------------------- failure
+def _stream(front, text: str, lines: list[str], started: threading.Event) -> str:
+    """A long OpenAI stream through the front; the host that serves it."""
+    with httpx.stream("POST", front.url + "/v1/chat/completions", timeout=120, json={
+            "model": "tiny-a", "stream": True, "max_tokens": 1500, "messages": [{"role": "user", "content": text}]},
+            headers={"Authorization": f"Bearer {front.api_key}"}) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            lines.append(line)
+            if '"content"' in line:
+                started.set()
+            elif '"error"' in line:
+                started.error_at = time.monotonic()
+        return response.headers["x-mlxgate-host"]
+
+
+def test_killing_a_host_mid_load_costs_only_its_started_streams(cluster):
+    front, hosts = cluster
+    d = hosts["d"]
+    streams = []
+    for i in range(6):
+        lines, started, where = [], threading.Event(), {}
+        thread = threading.Thread(target=lambda i=i, lines=lines, started=started, where=where:
+                                  where.setdefault("host", _stream(front, f"story {i}", lines, started)))
+        thread.start()
+        streams.append((thread, lines, started, where))
+    for _, _, started, _ in streams:
+        assert started.wait(60)
+    outcomes, stop = [], threading.Event()
+
+    def steady():  # requests that had not started when the host went: none may fail
+        while not stop.is_set():
+            try:
+                outcomes.append(ask(front, "tiny-a", "quick", max_tokens=4)[1])
+            except AssertionError as exc:
+                outcomes.append(f"failed: {exc}")
+    flow = threading.Thread(target=steady)
+    flow.start()
+    time.sleep(1)
+    timeline = {"kill": time.monotonic()}
+    for pid in d.our_pids():
+        os.kill(pid, signal.SIGKILL)
+    for thread, _, _, _ in streams:
+        thread.join(120)
+    timeline["streams_ended"] = time.monotonic()
+    wait_for(lambda: "host d  DOWN" in mlxgate("hosts", "list", env=front.env).stdout, 30, what="d shown down")
+    timeline["shown_down"] = time.monotonic()
+    time.sleep(2)
+    stop.set()
+    flow.join(60)
+    assert not [o for o in outcomes if o.startswith("failed")], outcomes
+    assert outcomes and "d" not in outcomes[-5:], outcomes
+    cut = [(where["host"], [line for line in lines if line]) for _, lines, _, where in streams]
+    cut = [(host, lines) for host, lines in cut if lines[-1] != "data: [DONE]"]
+    assert cut, "no stream was on d when it was killed"
+    for host, lines in cut:  # only d's streams, each ended by the API's error event
+        assert host == "d" and '"error"' in lines[-1] and "host d" in lines[-1], lines[-3:]
+    d.start()
+    timeline["restarted"] = time.monotonic()
+
+    def d_serves():
+        places = []
+        threads = [threading.Thread(target=lambda: places.append(ask(front, "tiny-a", "again", max_tokens=32)[1]))
+                   for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return "d" in places
+    wait_for(d_serves, 60, interval=1, what="d to serve again")
+    timeline["serves_again"] = time.monotonic()
+    timeline["error_events"] = max(getattr(started, "error_at", 0) for _, _, started, _ in streams)
+    report = {k: round(v - timeline["kill"], 2) for k, v in sorted(timeline.items(), key=lambda kv: kv[1])}
+    report.update(requests_during=len(outcomes), streams_cut=len(cut))
+    print("failover timeline (s after the kill):", json.dumps(report))
+    (front.home / "failover.json").write_text(json.dumps(report))
+
+
+# ---------------------------------------------------------------- one model across two ranks
+def test_a_model_served_by_two_ranks_under_mlx_launch_answers_through_the_gateway(cluster, models_dir,
+                                                                                      tmp_path_factory):
+    front, _ = cluster
+    group = Host("g", tmp_path_factory.mktemp("host-g"), models_dir,
+                 settings={"distributed": {"hosts": ["127.0.0.1", "127.0.0.1"], "backend": "ring",
+                                           "starting_port": 35900 + os.getpid() % 500}})
+    group.start()
+    try:
+        mlxgate("hosts", "add", "g", group.relay_url, "--key", group.api_key, "--yes", env=front.env, check=True)
+        mlxgate("restart", "proxy", env=front.env, check=True)
+        pid = group.dynamic()["pid"]
+        ranks = [p for p in __import__("psutil").Process(pid).children(recursive=True)
+                 if "model_process" in " ".join(p.cmdline())]
+        assert len(ranks) == 2
+        answer = gpt(front).chat.completions.with_raw_response.create(
+            model="org/tiny-b", max_tokens=16, messages=[{"role": "user", "content": "hello"}])
+        assert answer.headers["x-mlxgate-host"] == "g"
+        assert answer.parse().usage.completion_tokens > 0
+    finally:
+        group.stop()
+        mlxgate("hosts", "remove", "g", env=front.env)
+        mlxgate("restart", "proxy", env=front.env)

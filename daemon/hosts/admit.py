@@ -9,7 +9,7 @@ from typing import Callable
 from ..config import Config, config_path
 from ..private_files import write_private
 from .entries import HostEntry, check_name, check_url, normal_fingerprint, shown_fingerprint, write_hosts
-from .pinning import HostRefused, fetch_authority, fingerprint, get_json, pinned_context, read_key, \
+from .pinning import HostDown, HostRefused, fetch_authority, fingerprint, get_json, pinned_context, read_key, \
     verifying_context
 from .weights import weights_digest
 
@@ -90,7 +90,7 @@ def rows(config: Config) -> list[tuple[str, str, str]]:
             answer = get_json(entry.url, "/models", read_key(entry, config.home), pinned_context(entry, config.home),
                               timeout=5)
         except HostRefused as exc:
-            state = "REFUSED" if "refused" in str(exc) or "pinned" in str(exc) else "DOWN"
+            state = "DOWN" if isinstance(exc, HostDown) else "REFUSED"
             found.append((f"host {entry.name}", state, str(exc)))
             continue
         servers = []

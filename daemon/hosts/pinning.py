@@ -24,9 +24,13 @@ CA_PATH = "/ca.pem"
 
 
 class HostRefused(MlxgateError):
-    """A host cannot be trusted or reached as configured."""
+    """A host cannot be trusted or used as configured."""
 
     kind = "unavailable"
+
+
+class HostDown(HostRefused):
+    """A host does not answer."""
 
 
 def fingerprint(pem: bytes) -> str:
@@ -105,7 +109,7 @@ def get_json(url: str, path: str, key: str, context: ssl.SSLContext, timeout: fl
                           f"carry this address ({exc.verify_message}). Fix: if the host made a new authority, "
                           f"check its fingerprint there and `mlxgate hosts add` it again.") from None
     except (OSError, http.client.HTTPException) as exc:
-        raise HostRefused(f"{url} did not answer ({type(exc).__name__}: {exc})") from None
+        raise HostDown(f"{url} did not answer ({type(exc).__name__}: {exc})") from None
     finally:
         connection.close()
     if response.status == 401:

@@ -118,7 +118,8 @@ class StockLiteLLM:
 class Gateway:
     """mlxgate, started with `mlxgate start` in a runtime folder of its own."""
 
-    def __init__(self, work: Path, model_dirs: list[Path], *flags: str, **env_extra: str):
+    def __init__(self, work: Path, model_dirs: list[Path], *flags: str, prepare=None, **env_extra: str):
+        """`prepare(env)` runs before the start (e.g. `mlxgate hosts add` into its config)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.home = work / "home"
@@ -128,6 +129,8 @@ class Gateway:
                         MLX_AUTOCOMPLETE_PORT=str(free_port()), MLXGATE_SSL_DIR=str(work / "ssl"),
                         HF_HUB_OFFLINE="1", **env_extra)
         self.env.pop("DETAILED_DEBUG", None)
+        if prepare is not None:
+            prepare(self.env)
         started = time.monotonic()
         result = subprocess.run([PYTHON, "-m", "mlxgate.cli", "start", "--port", str(self.port), *flags],
                                 cwd=ROOT, env=self.env, capture_output=True, text=True)

@@ -107,7 +107,7 @@ class Relay:
 
     def _join(self, server: ModelServer, route: str, model: LocalModel, body: dict, path: str) -> Job:
         ticket = server.admission.join(route, model)
-        client = request.environ.get("gunicorn.socket") or request.environ.get("werkzeug.socket")  # see `listen`
+        client = request.environ.get("gunicorn.socket") or request.environ.get("mlxgate.socket")  # see `listen`
         return Job(server, ticket, body, path, client)
 
     # ------------------------------------------------------------------ turn and generation

@@ -107,6 +107,8 @@ def place(hosts: dict[str, Gateway]) -> None:
 
 def score(results: list[dict], watch: Watch) -> dict:
     ok = [r for r in results if "error" not in r]
+    for failed in [r for r in results if "error" in r][:3]:
+        print("failed:", failed["error"], flush=True)
     no_switch = [r for r in ok if watch.model_at(r["host"], r["started"]) == r["model"]]
     follow = [r for r in ok if r["turn"] > 0]
     return {"requests": len(results), "failed": len(results) - len(ok),

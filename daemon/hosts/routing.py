@@ -90,9 +90,14 @@ class Chooser:
         kwargs: dict = {"metadata": {"session_id": conversation} if conversation else {}}
         try:
             await self.router.async_get_available_deployment(model=group, request_kwargs=kwargs)
-        except Exception:  # no deployment (unknown everywhere, or every place cooling down)
-            return []
-        return [host_of(d) for d in kwargs.get(ORDER) or ()]
+        except Exception:  # no deployment: unknown everywhere, or every place cooling down
+            pass
+        if kwargs.get(ORDER):
+            return [host_of(d) for d in kwargs[ORDER]]
+        # every place that could serve it is cooling down: try them anyway, reachable ones first
+        able = [d for d in self._deployments() if d["model_name"] == group]
+        return [host_of(d) for d in sorted(self.rank(able, model, role),
+                                           key=lambda d: not self.views[host_of(d)].reachable)]
 
     async def served(self, host: str, model: str, role: str, conversation: str | None) -> None:
         """`host` answered this conversation: pin it there (the first pin holds while its place is healthy)."""

@@ -30,7 +30,8 @@ log = logging.getLogger("mlxgate.proxy")
 
 HOST_HEADER = b"x-mlxgate-host"  # on every answer: which place served it
 POLL_EVERY = 1.0
-POLL_TIMEOUT = 3.0
+POLL_TIMEOUT = 5.0
+POLL_MISSES = 2  # readings in a row a host may miss (a busy machine answers late) before it is down
 NEXT_PLACE_STATUSES = (503, 529)  # full queue or nothing serving there: another place may take it
 
 
@@ -70,6 +71,7 @@ class HostRouting:
                 self.refused[entry.name] = str(exc)
                 self.views[entry.name].lost(str(exc))
         self.chooser = chooser or Chooser(self.views)
+        self._misses: dict[str, int] = {}
         self._poller: asyncio.Task | None = None
         self._first_poll: asyncio.Task | None = None
 
@@ -80,7 +82,11 @@ class HostRouting:
             return
         try:
             view.read(await self.clients[name].get_json("/models", timeout=POLL_TIMEOUT))
+            self._misses[name] = 0
         except Unavailable as exc:
+            self._misses[name] = self._misses.get(name, 0) + 1
+            if self._misses[name] < POLL_MISSES and view.reachable and "Timeout" in str(exc):
+                return
             if view.reachable:
                 log.warning("%s went down: %s", name, exc)
             view.lost(_why(exc))

@@ -1,0 +1,99 @@
+"""The pieces of several-machine routing that need no running host: host entries and the
+config block `hosts add` writes, the conversation key, and the ranking LiteLLM's Router
+is fed with."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import yaml
+
+from mlxgate.config import load_config
+from mlxgate.errors import ConfigError
+from mlxgate.hosts.entries import HostEntry, parse_hosts, shown_fingerprint, write_hosts
+from mlxgate.hosts.routing import Chooser
+from mlxgate.hosts.view import HostView
+from mlxgate.proxy.hosts import conversation_key
+
+FP = "ab" * 32
+
+
+def test_write_hosts_keeps_every_other_line_of_the_config(tmp_path):
+    path = tmp_path / "gateway.yaml"
+    path.write_text("# my models\nmodel_dirs: [~/m]\nhosts:\n- name: old\n  url: https://10.0.0.9:1\n"
+                    "  ca_sha256: x\nmax_tokens: 100  # mine\n")
+    write_hosts(path, (HostEntry("studio", "https://192.168.1.20:11434", FP),))
+    text = path.read_text()
+    assert "# my models" in text and "max_tokens: 100  # mine" in text and "old" not in text
+    assert yaml.safe_load(text)["hosts"] == [{"name": "studio", "url": "https://192.168.1.20:11434",
+                                              "ca_sha256": FP}]
+    assert load_config(path, env={}).hosts[0].name == "studio"
+
+
+@pytest.mark.parametrize("hosts, problem", [
+    ([{"name": "a", "url": "http://10.0.0.1:1", "ca_sha256": FP}], "over TLS only"),
+    ([{"name": "local", "url": "https://10.0.0.1:1", "ca_sha256": FP}], "which is this machine"),
+    ([{"name": "a", "url": "https://10.0.0.1:1", "ca_sha256": "12"}], "64 hex digits"),
+    ([{"name": "a", "url": "https://10.0.0.1:1", "ca_sha256": FP}] * 2, "used twice"),
+    ([{"name": "a", "url": "https://10.0.0.1:1"}], "exactly the keys"),
+])
+def test_bad_host_entries_fail_at_load(tmp_path, hosts, problem):
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump({"hosts": hosts}))
+    with pytest.raises(ConfigError, match=problem):
+        load_config(path, env={})
+
+
+def test_listen_needs_one_address_and_distributed_two_ranks(tmp_path):
+    path = tmp_path / "gateway.yaml"
+    path.write_text("listen: 0.0.0.0\n")
+    with pytest.raises(ConfigError, match="not a wildcard"):
+        load_config(path, env={})
+    path.write_text("distributed: {hosts: [10.0.0.1]}\n")
+    with pytest.raises(ConfigError, match="at least two addresses"):
+        load_config(path, env={})
+    path.write_text("distributed: {hosts: [10.0.0.1, 10.0.0.2], pipeline: true}\n")
+    assert load_config(path, env={}).distributed["backend"] == "ring"
+    assert parse_hosts(None) == () and shown_fingerprint("abcd") == "SHA256:AB:CD"
+
+
+def test_a_conversation_keeps_its_key_across_turns():
+    first = {"system": "be brief", "messages": [{"role": "user", "content": "hi"}]}
+    later = {"system": "be brief", "messages": [{"role": "user", "content": "hi"},
+                                                {"role": "assistant", "content": "hello"},
+                                                {"role": "user", "content": "more"}]}
+    other = {"system": "be brief", "messages": [{"role": "user", "content": "bye"}]}
+    key = conversation_key("anthropic_messages", first)
+    assert key == conversation_key("anthropic_messages", later) != conversation_key("anthropic_messages", other)
+    assert conversation_key("chat_completions", {"prompt_cache_key": "s1", "messages": []}) == "key:s1"
+    assert conversation_key("chat_completions", {"messages": []}) is None
+
+
+def _view(name: str, model: str | None, queued: int = 0, state: str = "ready") -> HostView:
+    view = HostView(name, f"https://{name}:1")
+    view.read({"models": [{"name": "m1"}, {"name": "m2"}],
+               "servers": {"dynamic": {"state": state if model else "stopped", "model": model,
+                                       "queue": {"queued": queued, "active": [], "max_parallel": 2,
+                                                 "max_queue": 2}}}})
+    return view
+
+
+def test_the_router_prefers_the_loaded_model_then_the_least_queued_and_keeps_conversations():
+    views = {"local": _view("local", None), "a": _view("a", "m1", queued=1), "b": _view("b", "m1"),
+             "c": _view("c", "m2")}
+    chooser = Chooser(views, shuffle=lambda order: None)
+    chooser.sync()
+
+    async def scenario():
+        assert await chooser.choose("m1", "dynamic", None) == ["b", "a", "local", "c"]
+        assert (await chooser.choose("m2", "dynamic", None))[0] == "c"
+        await chooser.served("a", "m1", "dynamic", "conv")
+        assert (await chooser.choose("m1", "dynamic", "conv"))[0] == "a"  # its cache is there
+        views["a"].servers["dynamic"]["model"] = "m2"  # a switched away: the conversation moves
+        assert (await chooser.choose("m1", "dynamic", "conv"))[0] == "b"
+        views["b"].servers["dynamic"]["queue"]["queued"] = 4  # b full: a switch elsewhere is better
+        assert (await chooser.choose("m1", "dynamic", None))[0] == "local"
+        chooser.failed("local", RuntimeError("down"))
+        assert "local" not in await chooser.choose("m1", "dynamic", None)
+    asyncio.run(scenario())

@@ -112,7 +112,8 @@ class HostRouting:
         await asyncio.shield(self._first_poll)
 
     # ---------------------------------------------------------------- requests
-    async def forward(self, send, api: str, target, route: str, api_path: str, data: dict) -> None:
+    async def forward(self, send, api: str, target, route: str, api_path: str, data: dict,
+                      client_headers: dict | None = None) -> None:
         """Send the request to the best place; try the next while nothing reached the client."""
         await self.started()
         conversation = conversation_key(route, data) if route != "count_tokens" else None
@@ -125,7 +126,7 @@ class HostRouting:
             view.inflight[target.server] += 1
             try:
                 try:
-                    response = await client.open(target.server, api_path, target.model, data)
+                    response = await client.open(target.server, api_path, target.model, data, client_headers)
                 except Unavailable as exc:
                     log.warning("%s did not take a request for %s: %s", name, target.model, exc)
                     view.lost(_why(exc))

@@ -58,13 +58,28 @@ class RelayClient:
             raise Unavailable(f"{self.what} at {self.base} did not answer ({type(exc).__name__}). "
                               f"Check `mlxgate status`.") from None
 
-    async def forward(self, send, api: str, server: str, api_path: str, model: str, data: dict) -> None:
-        """POST `data` to the relay and send its answer to the client (ASGI `send`)."""
-        await self.pipe(await self.open(server, api_path, model, data), send, api)
+    async def get_bytes(self, path: str) -> bytes:
+        try:
+            async with self._client().get(self.base + path, headers=self.headers) as response:
+                response.raise_for_status()
+                return await response.read()
+        except (aiohttp.ClientError, OSError) as exc:
+            raise Unavailable(f"the MLX wrapper at {self.base} did not answer ({type(exc).__name__}). "
+                              f"Check `mlxgate status`.") from None
 
-    async def open(self, server: str, api_path: str, model: str, data: dict) -> aiohttp.ClientResponse:
+    async def post_bytes(self, path: str, data: bytes) -> None:
+        async with self._client().post(self.base + path, data=data, headers=self.headers) as response:
+            response.raise_for_status()
+
+    async def forward(self, send, api: str, server: str, api_path: str, model: str, data: dict,
+                      client_headers: dict | None = None) -> None:
+        """POST `data` to the relay and send its answer to the client (ASGI `send`)."""
+        await self.pipe(await self.open(server, api_path, model, data, client_headers), send, api)
+
+    async def open(self, server: str, api_path: str, model: str, data: dict,
+                   client_headers: dict | None = None) -> aiohttp.ClientResponse:
         """POST `data` to the relay; its answer, nothing sent to the client yet."""
-        headers = {**self.headers, MODEL_HEADER: model}
+        headers = {**self.headers, **(client_headers or {}), MODEL_HEADER: model}
         try:
             return await self._client().post(self.base + relay_path(server, api_path),
                                              data=dump(data), headers=headers)

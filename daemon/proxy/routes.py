@@ -31,4 +31,5 @@ POST_ROUTES = {
     "/completions": COMPLETIONS,
 }
 MODEL_LIST_PATHS = ("/v1/models", "/models")
+METRICS_PATH = "/metrics"  # key required; the wrapper's counts, whichever listener is scraped
 OPEN_PATHS = ("/health/liveliness", "/health/liveness", "/health/readiness")  # no key needed

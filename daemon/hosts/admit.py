@@ -1,5 +1,6 @@
-"""`mlxgate hosts add`: pin a host's authority, check its key and that its model names
-mean the same models as here, then write the entry."""
+"""`mlxgate hosts add|remove|list` and the status rows: pin a host's authority, check its
+key and that its model names mean the same models as here, write or remove the entry; read
+each host's state as `mlxgate status` shows it."""
 
 from __future__ import annotations
 

@@ -114,11 +114,6 @@ class Chooser:
                 self.router.cooldown_cache.add_deployment_to_cooldown(
                     deployment_id(place, group), error, 503, self.cooldown)
 
-    def cooling(self, host: str) -> bool:
-        ids = {deployment_id(place, group) for place, group in self._groups if place == host}
-        cooled = self.router.cooldown_cache.get_active_cooldowns(list(ids), parent_otel_span=None)
-        return bool(cooled)
-
     # ---------------------------------------------------------------- ranking
     def rank(self, deployments: list[dict], model: str, role: str) -> list[dict]:
         """Loaded first (then: nothing to give up, then another idle model, then a busy one);

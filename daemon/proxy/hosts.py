@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import time
 
 from ..config import Config
 from ..errors import MlxgateError, Unavailable
@@ -156,13 +155,6 @@ class HostRouting:
     def model_names(self) -> tuple[str, ...]:
         """The models the reachable hosts serve, for `GET /v1/models`."""
         return tuple(sorted({m for n, v in self.views.items() if n != LOCAL and v.reachable for m in v.models}))
-
-    def state(self) -> list[dict]:
-        """Each place as the status shows it."""
-        now = time.time()
-        return [{"name": n, "url": v.url, "reachable": v.reachable, "error": v.error,
-                 "seen_s": round(now - v.checked, 1) if v.checked else None,
-                 "servers": v.servers, "models": sorted(v.models)} for n, v in self.views.items()]
 
     async def close(self) -> None:
         for task in (self._poller, self._first_poll):

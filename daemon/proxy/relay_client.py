@@ -84,7 +84,7 @@ class RelayClient:
             return await self._client().post(self.base + relay_path(server, api_path),
                                              data=dump(data), headers=headers)
         except (aiohttp.ClientError, OSError) as exc:
-            raise Unavailable(f"{self.what} is not answering at {self.base} ({type(exc).__name__}), so no "
+            raise Unavailable(f"{self.what} is not running at {self.base} ({type(exc).__name__}), so no "
                               f"local model can answer. Check `mlxgate status`.") from None
 
     async def pipe(self, response: aiohttp.ClientResponse, send, api: str) -> bool:

@@ -159,6 +159,8 @@ def _check_ports(config: Config, wait: float = 0.0) -> None:
               "autocomplete_port": ("127.0.0.1", config.autocomplete_port)}
     if config.enable_https:
         wanted["https_port"] = (config.host, config.https_port)
+    if config.listen:
+        wanted["listen_port"] = (config.listen, config.listen_port)
     deadline = time.monotonic() + wait
     for key, (host, port) in wanted.items():
         host = host if host not in ("0.0.0.0", "::") else "127.0.0.1"

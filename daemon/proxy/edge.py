@@ -48,7 +48,7 @@ class Edge:
             return None
         path = scope.get("path", "").rstrip("/") or "/"
         method = scope.get("method")
-        api = ANTHROPIC if is_anthropic_path(path) else OPENAI
+        api = ANTHROPIC if is_anthropic_path(path) else OPENAI  # until the route says
         if path in routes.OPEN_PATHS:
             return await _json(send, 200, b'{"status": "ok"}')
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
@@ -59,11 +59,18 @@ class Edge:
         if route is None:
             if method == "GET" and path in routes.MODEL_LIST_PATHS:
                 return await self._guarded(send, api, self._models(send))
+            stored = routes.STORED_RESPONSE.match(path) if method in ("GET", "DELETE") else None
+            if stored:
+                query = scope.get("query_string", b"").decode("latin-1")
+                call = self.relay.forward_stored(send, method, stored.group(1) + (f"?{query}" if query else ""))
+                return await self._guarded(send, api, call)
             if self.cloud is not None:
                 return await _until_disconnect(self.cloud.forward_raw(scope, receive, send), receive)
             return await _error(send, api, "not_found", f"no route {method} {path} here: mlxgate serves "
                                 f"POST /v1/messages, /v1/messages/count_tokens, /v1/chat/completions, "
-                                f"/v1/completions and GET /v1/models")
+                                f"/v1/completions, /v1/responses, /v1/responses/input_tokens, "
+                                f"GET and DELETE /v1/responses/ID and GET /v1/models")
+        api = route.api
         body = await self._body(headers, receive, send, api)
         if body is None:
             return None

@@ -14,7 +14,7 @@ import logging
 
 import aiohttp
 
-from ..api_errors import error_event
+from ..api_errors import RESPONSES, error_event
 from ..config import Config
 from ..errors import Unavailable
 from ..json_body import dump
@@ -52,10 +52,16 @@ class RelayClient:
 
     async def forward(self, send, api: str, server: str, api_path: str, model: str, data: dict) -> None:
         """POST `data` to the relay and send its answer to the client (ASGI `send`)."""
-        headers = {**self.headers, MODEL_HEADER: model}
+        await self._relay(send, api, "POST", relay_path(server, api_path), dump(data), {MODEL_HEADER: model})
+
+    async def forward_stored(self, send, method: str, path: str) -> None:
+        """A stored response's GET or DELETE (no model, no hooks): the wrapper keeps them."""
+        await self._relay(send, RESPONSES, method, path, None, {})
+
+    async def _relay(self, send, api: str, method: str, path: str, body: bytes | None, headers: dict) -> None:
         try:
-            response = await self._client().post(self.base + relay_path(server, api_path),
-                                                 data=dump(data), headers=headers)
+            response = await self._client().request(method, self.base + path, data=body,
+                                                    headers={**self.headers, **headers})
         except (aiohttp.ClientError, OSError):
             raise Unavailable(f"the MLX wrapper is not running at {self.base}, so no local model can "
                               f"answer. Check `mlxgate status`.") from None

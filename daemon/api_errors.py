@@ -1,10 +1,10 @@
 """The one table from our error kinds to an HTTP status and each API's error shape.
 
 Anthropic clients get ``{"type": "error", "error": {"type", "message"}}``; OpenAI clients
-(chat, completions and the Responses API) ``{"error": {"message", "type", "param", "code"}}``. Both official SDKs retry 408, 409,
-429 and every 5xx unless the answer says ``x-should-retry: false``; a kind whose retry
-cannot help says so. A stream that has already answered 200 ends with the same error as
-an event instead (`error_event`).
+(chat, completions and the Responses API) ``{"error": {"message", "type", "param", "code"}}``.
+Both official SDKs retry 408, 409, 429 and every 5xx unless the answer says
+``x-should-retry: false``; a kind whose retry cannot help says so. A stream that has
+already answered 200 ends with the same error as an event instead (`error_event`).
 """
 
 from __future__ import annotations

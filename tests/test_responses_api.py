@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from mlxgate.demo_model import PLAIN_ANSWER, THINKING, TOOL_ANSWER
-from support import gpt
+from support import gpt, sse_events
 
 WEATHER = {"type": "function", "name": "get_weather", "description": "Current weather in a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
@@ -28,20 +28,9 @@ CODEX_VERSION = "0.169.0"
 
 
 def raw_events(gateway, body: dict) -> list[dict]:
-    """The stream's events exactly as they came over the wire (each `event:` name checked)."""
-    events = []
-    with httpx.stream("POST", gateway.url + "/v1/responses", json={**body, "stream": True}, timeout=60,
-                      headers={"Authorization": f"Bearer {gateway.api_key}"}) as response:
-        assert response.status_code == 200, response.read()
-        name = None
-        for line in response.iter_lines():
-            if line.startswith("event: "):
-                name = line[7:]
-            elif line.startswith("data: "):
-                event = json.loads(line[6:])
-                assert event["type"] == name
-                events.append(event)
-    return events
+    """The stream's events exactly as they came over the wire."""
+    return [data for _, data in sse_events(gateway.url + "/v1/responses", body,
+                                           {"Authorization": f"Bearer {gateway.api_key}"})]
 
 
 def check_grammar(events: list[dict]) -> list[str]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 
 from ..api_errors import KINDS
+from ..messages.chat import translate_chunk
 from ..messages.events import sse
 from .tools import ID_PREFIXES, ToolNames, call_item, new_id
 
@@ -43,7 +44,8 @@ def encode(events: list[dict]) -> bytes:
 class ResponseTranslator:
     """Feeds on chat chunks; each call returns the events to send, in order."""
 
-    def __init__(self, response: dict, tools: ToolNames | None = None, max_calls: int | None = None):
+    def __init__(self, response: dict, tools: ToolNames | None = None, max_calls: int | None = None,
+                 input_tokens: int = 0):
         self.response = response
         self.tools = tools or ToolNames()
         self.max_calls = max_calls
@@ -53,7 +55,7 @@ class ResponseTranslator:
         self.calls = 0
         self.call_keys: dict[int, int] = {}  # chat call index → output index
         self.finish_reason: str | None = None
-        self.usage: dict = {}
+        self.usage: dict = {"prompt_tokens": input_tokens}  # until the model server reports its own
         self.reasoning_tokens = 0
 
     @property
@@ -167,19 +169,11 @@ class ResponseTranslator:
 
     def feed(self, chunk: dict) -> list[dict]:
         """Events for one chat chunk."""
-        events: list[dict] = []
         if chunk.get("usage"):
             self.usage = chunk["usage"]
-        for choice in chunk.get("choices") or []:
-            delta = choice.get("delta") or choice.get("message") or {}
-            if delta.get("reasoning"):
-                events += self._reasoning(delta["reasoning"])
-            if delta.get("content"):
-                events += self._output_text(delta["content"])
-            for call in delta.get("tool_calls") or []:
-                events += self._call(call)
-            if choice.get("finish_reason"):
-                self.finish_reason = choice["finish_reason"]
+        events, finish = translate_chunk(chunk, {"reasoning": self._reasoning, "content": self._output_text,
+                                                 "tool_call": self._call})
+        self.finish_reason = finish or self.finish_reason
         return events
 
     # ------------------------------------------------------------------ the end

@@ -289,26 +289,24 @@ class Relay:
                     yield b"data: " + dump(chunk) + b"\n\n"
         yield b"data: [DONE]\n\n"
 
-
     # ------------------------------------------------------------------ OpenAI Responses
     def _responses_request(self, role: str, body: dict) -> tuple[ResponsesRequest, list[dict], LocalModel]:
         """The request translated, with the chain it continues, and the model that answers."""
-        self._server(role)
         earlier = self.store.history(body.get("previous_response_id"))
         return responses_to_chat(body, earlier), earlier, self._model(role)
 
     def responses(self, role: str) -> Response:
         try:
-            body = _json_body()
-            translated, earlier, model = self._responses_request(role, body)
+            server = self._server(role)
+            translated, earlier, model = self._responses_request(role, _json_body())
             input_tokens = self._fit_context(model, translated.chat, RESPONSES)
-            job = self._join(self._server(role), "responses", model, translated.chat, paths.CHAT)
+            job = self._join(server, "responses", model, translated.chat, paths.CHAT)
         except MlxgateError as exc:
             return error_response(RESPONSES, exc)
         response = response_object(translated)
         response["model"] = response["model"] or model.name
-        translator = response_events.ResponseTranslator(response, translated.tools, translated.max_calls)
-        translator.usage = {"prompt_tokens": input_tokens}
+        translator = response_events.ResponseTranslator(response, translated.tools, translated.max_calls,
+                                                         input_tokens)
 
         def keep() -> None:
             if translated.store and translator.done:
@@ -329,7 +327,8 @@ class Relay:
             return translator.response
         return self._answer(RESPONSES, job, build)
 
-    def _response_events(self, job: Job, translator, keep: Callable[[], None]) -> Iterator[bytes]:
+    def _response_events(self, job: Job, translator: response_events.ResponseTranslator,
+                         keep: Callable[[], None]) -> Iterator[bytes]:
         yield response_events.encode(translator.start())
         for _ in self._turn(job):
             yield response_events.KEEPALIVE
@@ -347,6 +346,7 @@ class Relay:
 
     def response_input_tokens(self, role: str) -> Response:
         try:
+            self._server(role)
             translated, _, model = self._responses_request(role, _json_body())
             count = tokens.count_chat(model.path, translated.chat)
         except MlxgateError as exc:

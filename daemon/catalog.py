@@ -9,6 +9,7 @@ only inside the directories and the cache.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from dataclasses import dataclass
@@ -164,7 +165,6 @@ def verify_model_folder(path: Path) -> None:
     milliseconds even for large models, and lets the wrapper refuse a broken folder
     without stopping the model that is serving.
     """
-    import json
     import struct
 
     try:
@@ -194,6 +194,19 @@ def verify_model_folder(path: Path) -> None:
                 if k != "__metadata__" and isinstance(t, dict) and "data_offsets" in t]
         if max(ends, default=0) > size - 8 - header_len:
             raise ValueError(f"{weight.name} is truncated ({size} bytes on disk)")
+
+
+def context_length(path: Path) -> int | None:
+    """The model's context window from its config, when it says."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for section in (config, config.get("text_config") or {}):
+        for key in ("max_position_embeddings", "max_sequence_length", "seq_length", "n_ctx"):
+            if isinstance(section.get(key), int) and section[key] > 0:
+                return section[key]
+    return None
 
 
 _by_config: dict[tuple, Catalog] = {}

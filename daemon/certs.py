@@ -5,6 +5,10 @@ The authority is made once (`ca.pem`, `ca-key.pem`); clients trust it once
 subjectAltNames: localhost, 127.0.0.1, ::1 and an optional domain; they are named
 `cert.pem`/`key.pem`, or `cert_<domain>.pem`/`key_<domain>.pem` (dots and colons
 removed) for a domain. Private keys are written mode 600.
+
+A certificate you put there under those names, issued by anyone but this authority, is
+yours: it is served as it is and never replaced (`mlxgate doctor` checks its dates and
+names). Ours are made again when they expire or their names no longer match.
 """
 
 from __future__ import annotations
@@ -28,6 +32,28 @@ def leaf_paths(ssl_dir: Path, domain: str | None = None) -> tuple[Path, Path]:
         return ssl_dir / "cert.pem", ssl_dir / "key.pem"
     tag = domain.replace(".", "").replace(":", "")
     return ssl_dir / f"cert_{tag}.pem", ssl_dir / f"key_{tag}.pem"
+
+
+CA_NAME = "mlxgate local CA"
+
+
+def is_ours(cert) -> bool:
+    """Whether a leaf was issued by an mlxgate authority (this one or an earlier one)."""
+    from cryptography.x509.oid import NameOID
+
+    names = [a.value for a in cert.issuer.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    return names == [CA_NAME]
+
+
+def san_names(cert) -> list[str]:
+    """The names and addresses a certificate is valid for."""
+    from cryptography import x509
+
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [str(entry.value) for entry in sans]
 
 
 def _now() -> dt.datetime:
@@ -62,7 +88,7 @@ def ensure_ca(ssl_dir: Path):
                                f"run `mlxgate cert` to make a new authority (clients must trust it again).")
         return cert, key, False
     key = _key()
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mlxgate local CA"),
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, CA_NAME),
                       x509.NameAttribute(NameOID.ORGANIZATION_NAME, "mlxgate")])
     now = _now()
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
@@ -104,14 +130,25 @@ def _leaf_is_current(cert_path: Path, ca_cert, domain: str | None) -> bool:
 
 
 def ensure_leaf(ssl_dir: Path, domain: str | None = None) -> tuple[Path, Path, bool]:
-    """The leaf for `domain` (or localhost only), signed by the authority; made when missing,
-    expiring, or not matching. Returns (certificate path, key path, made)."""
+    """The leaf for `domain` (or localhost only): yours when you put one there, else ours,
+    signed by the authority and made when missing, expiring, or not matching. Returns
+    (certificate path, key path, made)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    ca_cert, ca_key, _ = ensure_ca(ssl_dir)
     cert_path, key_path = leaf_paths(ssl_dir, domain)
+    if cert_path.exists():
+        try:
+            yours = not is_ours(x509.load_pem_x509_certificate(cert_path.read_bytes()))
+        except ValueError:
+            yours = False  # unreadable: made again
+        if yours:
+            if not key_path.exists():
+                raise MlxgateError(f"{cert_path} is your certificate, but its key {key_path} is missing. Fix: put "
+                                   f"the key there, or delete {cert_path} to have mlxgate make one.")
+            return cert_path, key_path, False
+    ca_cert, ca_key, _ = ensure_ca(ssl_dir)
     if key_path.exists() and _leaf_is_current(cert_path, ca_cert, domain):
         return cert_path, key_path, False
     key = _key()
@@ -134,3 +171,15 @@ def ensure_leaf(ssl_dir: Path, domain: str | None = None) -> tuple[Path, Path, b
     write_private(key_path, _key_pem(key))
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return cert_path, key_path, True
+
+
+def write_bundle(ca: Path, target: Path) -> Path:
+    """certifi's roots plus the authority, for clients whose CA variable replaces their
+    roots (`SSL_CERT_FILE`, `REQUESTS_CA_BUNDLE`): they still reach the real internet."""
+    import certifi
+
+    data = Path(certifi.where()).read_bytes().rstrip(b"\n") + b"\n" + ca.read_bytes()
+    if not target.exists() or target.read_bytes() != data:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    return target

@@ -54,19 +54,85 @@ def _client(config: Config):
 
 
 # ------------------------------------------------------------------ the daemon
+def start_options(command):
+    """The options of `mlxgate start`, which `mlxgate service install` takes too (the
+    service starts with them)."""
+    options = [
+        click.option("--port", type=int, help="HTTP proxy port (default 11432)"),
+        click.option("--https-port", type=int, help="HTTPS proxy port (default 11433)"),
+        click.option("--enable-https", is_flag=True, help="also serve HTTPS with the local CA"),
+        click.option("--ssl-domain", help="extra certificate domain, e.g. api.anthropic.com (implies HTTPS)"),
+        click.option("--stand-in-any-key", is_flag=True,
+                     help="while standing in for --ssl-domain, let loopback clients in with any key"),
+        click.option("--max-tokens", type=int, help="cap on tokens per answer (default 8192)"),
+        click.option("--default-model", help="model for claude-*/gpt-* names, loaded at start"),
+        click.option("--autocomplete-model", help="small model kept loaded for autocomplete"),
+        click.option("--fixed-model", help="serve every requested name with this one model"),
+        click.option("--use-sudo", is_flag=True, help="start the listeners through sudo (ports < 1024)"),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _start_flags(flags: dict) -> dict:
+    """The settings given as options, by key (flags not given are left out)."""
+    if flags.get("ssl_domain"):
+        flags["enable_https"] = True
+    return {key: value for key, value in flags.items() if value is not None and value is not False}
+
+
+def _as_arguments(flags: dict, use_sudo: bool) -> list[str]:
+    """Settings back into `mlxgate start` options (what the boot service runs with)."""
+    from .config import SETTINGS
+
+    args = []
+    for key, value in sorted(flags.items(), key=lambda item: [s.key for s in SETTINGS].index(item[0])):
+        args += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    return args + (["--use-sudo"] if use_sudo else [])
+
+
+def _fetch(model: str, config_flags: dict) -> None:
+    """`--download-model`: fetch MODEL unless it is here; it becomes the default model
+    when no other is named."""
+    from .download import download
+
+    config_flags.setdefault("default_model", model)
+    if not dict(_missing(_config(saved=False, default_model=model))):
+        print(f"{model} is on this machine; not downloading", flush=True)
+        return
+    print(f"downloading {model}...", flush=True)
+    download(model)
+
+
+def _missing(config: Config) -> list:
+    from .supervision.control import missing_models
+    return missing_models(config)
+
+
+def _service_manager(config: Config):
+    """The service manager, when the boot service is installed for this runtime folder and
+    the manager runs (else the gateway is started and stopped directly)."""
+    from .system import install, service
+
+    if not install.load_record(config.home).get("service"):
+        return None
+    manager = service.manager()
+    return manager if manager.path.exists() and manager.manager_running() else None
+
+
 @cli.command()
-@click.option("--port", type=int, help="HTTP proxy port (default 11432)")
-@click.option("--https-port", type=int, help="HTTPS proxy port (default 11433)")
-@click.option("--enable-https", is_flag=True, help="also serve HTTPS with the local CA")
-@click.option("--ssl-domain", help="extra certificate domain, e.g. api.anthropic.com (implies HTTPS)")
-@click.option("--max-tokens", type=int, help="cap on tokens per answer (default 8192)")
-@click.option("--default-model", help="model for claude-*/gpt-* names, loaded at start")
-@click.option("--autocomplete-model", help="small model kept loaded for autocomplete")
-@click.option("--fixed-model", help="serve every requested name with this one model")
-@click.option("--use-sudo", is_flag=True, help="start the listeners through sudo (ports < 1024)")
-@click.option("--download-model", metavar="MODEL", help="download MODEL before starting")
+@start_options
+@click.option("--download-model", metavar="MODEL",
+              help="download MODEL first (unless it is here); it is the default model unless --default-model names another")
 @click.option("--install-dependencies", is_flag=True, help="run ./install.sh first")
-def start(use_sudo: bool, download_model: str | None, install_dependencies: bool, **flags) -> int:
+@click.option("--foreground", is_flag=True,
+              help="run supervisord in the foreground until it stops (what the boot service runs); exit status "
+                   "0 stopped on request, 75 the group went down, 78 a restart would not help")
+@click.option("--blocked-exit-code", type=int, default=78, show_default=True,
+              help="with --foreground: the exit status when a restart would not help (launchd's plist says 0)")
+def start(use_sudo: bool, download_model: str | None, install_dependencies: bool, foreground: bool,
+          blocked_exit_code: int, **flags) -> int:
     """start the whole gateway under supervisord"""
     # `flags` holds the options that are config settings, by their keys.
     from .supervision import control
@@ -76,17 +142,26 @@ def start(use_sudo: bool, download_model: str | None, install_dependencies: bool
         print("running ./install.sh --no-service", flush=True)
         if subprocess.call([str(PROJECT_ROOT / "install.sh"), "--no-service", "--quiet"]) != 0:
             raise MlxgateError("./install.sh failed; see its output above")
-    if flags["ssl_domain"]:
-        flags["enable_https"] = True
-    flags = {key: value for key, value in flags.items() if value is not None and value is not False}
+    flags = _start_flags(flags)
     control.ensure_api_key(runtime_home())
-    config = _config(saved=False, **flags)  # this start's flags replace the saved ones
     if download_model:
-        from .download import download
-        print(f"downloading {download_model}...", flush=True)
-        download(download_model)
+        _fetch(download_model, flags)
+    config = _config(saved=False, **flags)  # this start's flags replace the saved ones
+    say = lambda line: print(line, flush=True)  # noqa: E731
+    if foreground:
+        return control.run_foreground(config, use_sudo=use_sudo, say=say, flags=flags,
+                                      blocked_exit=blocked_exit_code)
     started = time.monotonic()
-    control.start(config, use_sudo=use_sudo, say=lambda line: print(line, flush=True), flags=flags)
+    manager = _service_manager(config)
+    if manager is not None:
+        if flags or use_sudo:
+            raise MlxgateError("the boot service is installed: it starts with the flags ./install.sh was given. "
+                               "Change them with ./install.sh and the new flags, or run `mlxgate start` alone.")
+        say(f"starting the boot service ({manager.kind})")
+        control.start_through(manager.start, _config(), say)
+    else:
+        control.start(config, use_sudo=use_sudo, say=say, flags=flags)
+    config = _config()
     print(f"\nmlxgate is running ({time.monotonic() - started:.1f} s):")
     print(f"  HTTP   {config.http_url}   (Anthropic /v1/messages, OpenAI /v1/chat/completions)")
     if config.enable_https:
@@ -101,38 +176,42 @@ def stop() -> int:
     """stop the gateway"""
     from .supervision import control
 
-    print("mlxgate stopped" if control.stop(_config()) else "mlxgate is not running")
+    config = _config()
+    manager = _service_manager(config)
+    if manager is not None:
+        was = control.Supervisor(config.home).running()
+        manager.stop()  # through the manager, or it would start the gateway again
+        control.stop(config, say=lambda _: None)
+        print(f"mlxgate stopped (the boot service stays installed; `mlxgate start` starts it)" if was
+              else "mlxgate is not running")
+        return 0
+    print("mlxgate stopped" if control.stop(config) else "mlxgate is not running")
     return 0
 
 
 @cli.command()
 @click.argument("program", nargs=-1)
 def restart(program: tuple[str, ...]) -> int:
-    """restart the gateway (or only the named programs)
+    """restart the gateway (or only the named programs); returns when what restarted answers
 
     PROGRAM is wrapper, proxy or proxy_https.
     """
     from .supervision import control
 
-    if program:
-        supervisor = control.Supervisor(runtime_home())
-        if not supervisor.running():
-            raise MlxgateError("mlxgate is not running; start it with `mlxgate start`")
-        for name in program:
-            if name not in control.PROGRAMS:
-                raise MlxgateError(f"unknown program {name!r}; expected one of {', '.join(control.PROGRAMS)}")
-            for call in (supervisor.rpc.supervisor.stopProcess, supervisor.rpc.supervisor.startProcess):
-                try:
-                    call(name)
-                except Exception as exc:  # xmlrpc Fault: NOT_RUNNING on stop is fine
-                    if "NOT_RUNNING" not in str(exc):
-                        raise MlxgateError(f"cannot restart {name}: {exc}") from None
-            print(f"{name} restarted")
-        return 0
     config = _config()
-    use_sudo = control.load_start_options(config.home).get("use_sudo", False)
-    control.stop(config)
-    control.start(config, use_sudo=use_sudo, say=lambda line: print(line, flush=True))
+    say = lambda line: print(line, flush=True)  # noqa: E731
+    if program:
+        for name in program:
+            control.restart_program(config, name, say)
+            print(f"{name} restarted and answers")
+        return 0
+    manager = _service_manager(config)
+    if manager is not None:
+        control.start_through(manager.restart, config, say)
+    else:
+        use_sudo = control.load_start_options(config.home).get("use_sudo", False)
+        control.stop(config)
+        control.start(config, use_sudo=use_sudo, say=say)
     print("mlxgate restarted")
     return 0
 
@@ -142,9 +221,30 @@ def status() -> int:
     """show each program and endpoint; non-zero exit when anything is down"""
     from .supervision import control
 
-    healthy, rows = control.status(_config())
+    config = _config()
+    healthy, rows = control.status(config)
+    rows.append(_service_row(config))
+    cause = control.blocked_cause(config.home)
+    if cause:
+        healthy = False
+        rows.append(("last start", "BLOCKED", f"{cause['at']}: {cause['error'].splitlines()[0]} "
+                                               f"(`mlxgate doctor` shows the fix)"))
     _table(("PART", "STATE", "DETAIL"), rows)
     return 0 if healthy else 1
+
+
+def _service_row(config: Config) -> tuple[str, str, str]:
+    from .system import install, service
+
+    if not install.load_record(config.home).get("service"):
+        return ("boot service", "NONE", "not installed (./install.sh installs it)")
+    state = service.manager().state()
+    if not state.installed:
+        return ("boot service", "MISSING", f"{state.path} is gone; run ./install.sh again")
+    enabled = "enabled" if state.enabled else "not enabled"
+    running = {True: "running", False: f"not running ({state.detail})", None: state.detail}[state.active]
+    return ("boot service", "ENABLED" if state.enabled else "INSTALLED", f"{state.kind} {state.path}: "
+                                                                          f"{enabled}, {running}")
 
 
 @cli.command()
@@ -154,7 +254,7 @@ def status() -> int:
 def logs(program: tuple[str, ...], lines: int, follow: bool) -> int:
     """show the programs' logs"""
     config = _config()
-    names = program or ("wrapper", "proxy", "proxy_https", "group_down", "supervisord")
+    names = program or ("wrapper", "proxy", "proxy_https", "group_down", "supervisord", "service")
     paths = [config.log_dir / f"{name}.log" for name in names]
     paths = [p for p in paths if p.exists()]
     if not paths:
@@ -166,7 +266,7 @@ def logs(program: tuple[str, ...], lines: int, follow: bool) -> int:
 @click.option("--https", is_flag=True, help="use the HTTPS listener")
 @click.option("--codex", is_flag=True, help="print Codex CLI's provider config (TOML) instead")
 def env(https: bool, codex: bool) -> int:
-    """print export lines for Anthropic and OpenAI clients"""
+    """print export lines for Anthropic and OpenAI clients (and Claude Code), or Codex CLI's config"""
     config = _config()
     if not config.api_key:
         raise MlxgateError("no API key yet: run `mlxgate start` (or ./install.sh) to make one")
@@ -178,23 +278,47 @@ def env(https: bool, codex: bool) -> int:
     print(f"export ANTHROPIC_API_KEY={config.api_key}")
     print(f"export OPENAI_BASE_URL={base}/v1")
     print(f"export OPENAI_API_KEY={config.api_key}")
-    if https:
-        print(f"export NODE_EXTRA_CA_CERTS={config.ssl_path / 'ca.pem'}")
+    ca = config.ssl_path / "ca.pem"
+    if (https or config.enable_https) and ca.exists():
+        from .certs import write_bundle
+        bundle = write_bundle(ca, config.home / "ca-bundle.pem")
+        print(f"export NODE_EXTRA_CA_CERTS={ca}")  # Node adds these to its own roots
+        print(f"export SSL_CERT_FILE={bundle}")  # these replace the roots: certifi's plus ours
+        print(f"export REQUESTS_CA_BUNDLE={bundle}")
+    window = _context_window(config)
+    if window:
+        print(f"export CLAUDE_CODE_AUTO_COMPACT_WINDOW={window}")
+        if window < CLAUDE_CODE_MIN_WINDOW:
+            print(f"# Claude Code raises CLAUDE_CODE_AUTO_COMPACT_WINDOW to at least {CLAUDE_CODE_MIN_WINDOW} and "
+                  f"takes claude-* models to have 200K; for this {window}-token model it compacts in time when "
+                  f"it asks for the model by its own name, with its window:")
+            print(f"export ANTHROPIC_MODEL={config.default_model}")
+            print(f"export CLAUDE_CODE_MAX_CONTEXT_TOKENS={window}")
     return 0
+
+
+# Claude Code 2.1.197: the window it compacts for is min(the model's window,
+# max(100000, CLAUDE_CODE_AUTO_COMPACT_WINDOW)); a model's window is 200K for claude-*
+# names and CLAUDE_CODE_MAX_CONTEXT_TOKENS for others.
+CLAUDE_CODE_MIN_WINDOW = 100_000
+
+
+def _context_window(config: Config) -> int | None:
+    """The default model's context window, from its config.json."""
+    from .catalog import context_length, for_config
+
+    if not config.default_model:
+        return None
+    try:
+        return context_length(for_config(config).resolve(config.default_model).path)
+    except MlxgateError:
+        return None
 
 
 def _codex_config(config: Config, base: str) -> str:
     """Codex CLI's provider config for this gateway; the window is the default model's, when known,
     so Codex compacts its conversation before the gateway would refuse it."""
-    from .catalog import for_config
-    from .wrapper.tokens import context_length
-
-    window = None
-    if config.default_model:
-        try:
-            window = context_length(for_config(config).resolve(config.default_model).path)
-        except MlxgateError:
-            pass
+    window = _context_window(config)
     lines = ["# Codex CLI: add to ~/.codex/config.toml (or pass each setting with -c), and run codex with",
              f"# MLXGATE_API_KEY={config.api_key} in its environment.",
              'model = "gpt-5.5"  # gpt-* names are answered by the default model; or name a local model',
@@ -274,8 +398,18 @@ def wrapper(default_model: str | None, autocomplete_model: str | None) -> int:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="print the wrapper's JSON answer")
 def models(as_json: bool) -> int:
-    """list local models and what is loaded"""
-    data = _client(_config()).models()
+    """list local models and what is loaded (the local models also when the gateway is stopped)"""
+    from .client import WrapperError
+
+    config = _config()
+    try:
+        data = _client(config).models()
+    except WrapperError as exc:
+        if exc.kind != "wrapper_down":
+            raise
+        from .catalog import for_config
+        data = {"models": [{"name": m.name, "source": m.source, "path": str(m.path), "servers": [],
+                            "loaded": False} for m in for_config(config).list()], "servers": {}}
     if as_json:
         print(json.dumps(data, indent=2))
         return 0
@@ -283,6 +417,8 @@ def models(as_json: bool) -> int:
              m["path"]) for m in data["models"]]
     _table(("MODEL", "SOURCE", "LOADED", "PATH"), rows)
     print()
+    if not data["servers"]:
+        print("the gateway is not running: nothing is loaded (`mlxgate start`)")
     for role, server in data["servers"].items():
         line = f"{role} server (port {server['port']}): {server['state']}"
         if server["model"]:
@@ -359,6 +495,55 @@ def demo_model(folder: str, seed: int, layers: int, hidden: int, context: int, s
           f"Serve it: put it under a model directory (model_dirs) and `mlxgate load NAME`, NAME being "
           f"its folder path inside that directory.")
     return 0
+
+
+# ------------------------------------------------------------------ this machine
+@cli.group()
+def service():
+    """the boot service and what it needs on this machine (./install.sh runs these)"""
+
+
+@service.command("install")
+@start_options
+@click.option("--enable-port-forward", is_flag=True, help="forward 443 on loopback to the HTTPS port (implies HTTPS)")
+@click.option("--forward-http", is_flag=True, help="with --enable-port-forward: also forward 80 to the HTTP port")
+@click.option("--trust-ca", is_flag=True, help="add the local certificate authority to the system trust store")
+@click.option("--enable-linger", is_flag=True, help="Linux: run the service without a login (loginctl enable-linger)")
+@click.option("--no-service", is_flag=True, help="set up the rest, register no boot service")
+def service_install(use_sudo: bool, enable_port_forward: bool, forward_http: bool, trust_ca: bool,
+                    enable_linger: bool, no_service: bool, **flags) -> int:
+    """install the boot service (started with these start flags) and the steps asked for"""
+    from .supervision import control
+    from .system import install
+
+    if enable_port_forward:
+        flags["enable_https"] = True
+    flags = _start_flags(flags)
+    control.ensure_api_key(runtime_home())
+    config = _config(saved=False, **flags)  # checks the flags as `start` will
+    control.save_start_options(config, {**flags, "use_sudo": use_sudo})  # later commands see them
+    choices = install.Choices(flags=_as_arguments(flags, use_sudo), service=not no_service,
+                              port_forward=enable_port_forward, forward_http=forward_http, trust_ca=trust_ca,
+                              linger=enable_linger)
+    install.install(config, choices, say=lambda line: print(line, flush=True))
+    return 0
+
+
+@service.command("uninstall")
+def service_uninstall() -> int:
+    """remove the boot service and every trace of the install (hosts line, rules, trust, runtime folder)"""
+    from .system import install
+
+    install.uninstall(_config(saved=False), say=lambda line: print(line, flush=True))
+    return 0
+
+
+@cli.command()
+def doctor() -> int:
+    """check ports, certificates, hosts entry, forwarding, the service, the key file and the models"""
+    from .doctor import diagnose, report
+
+    return 0 if report(diagnose(_config())) else 1
 
 
 def _table(header: tuple[str, ...], rows: list[tuple]) -> None:

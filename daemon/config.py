@@ -246,6 +246,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ssl_domain", _optional_text, None, "MLXGATE_SSL_DOMAIN",
             "Extra domain the HTTPS certificate is valid for (e.g. api.anthropic.com).",
             "api.anthropic.com"),
+    Setting("stand_in_any_key", _boolean, False, "MLXGATE_STAND_IN_ANY_KEY",
+            "While standing in for ssl_domain: the HTTPS listener lets in requests from this machine "
+            "(loopback) that carry any API key or bearer token, since the real service's clients send "
+            "their own. The HTTP listener and other addresses still need the gateway's key.",
+            "false"),
     Setting("ssl_dir", _optional_text, None, "MLXGATE_SSL_DIR",
             "Folder of the certificate authority and certificates (default: ssl/ of the checkout).",
             "ssl"),

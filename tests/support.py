@@ -261,3 +261,67 @@ def claude(gateway, https: bool = False, **options) -> anthropic.Anthropic:
 def gpt(gateway, **options) -> openai.OpenAI:
     """The official OpenAI SDK pointed at a gateway."""
     return openai.OpenAI(base_url=gateway.url + "/v1", api_key=gateway.api_key, max_retries=0, **options)
+
+
+def ensure_tool(command: str, package: str) -> str | None:
+    """The path of `command`, installing its Debian package first when it is missing and we
+    are root; None when it cannot be had (the test then says so and skips)."""
+    import shutil
+
+    found = shutil.which(command) or shutil.which(command, path="/usr/sbin:/sbin:/usr/bin")
+    if found or os.geteuid() != 0 or not shutil.which("apt-get"):
+        return found
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=300)
+    subprocess.run(["apt-get", "install", "-y", "-qq", package], env=env, capture_output=True, timeout=600)
+    return shutil.which(command) or shutil.which(command, path="/usr/sbin:/sbin:/usr/bin")
+
+
+class Sandbox:
+    """A network namespace of its own (`ip netns add`) whose processes see a copy of /etc
+    and an empty /usr/local/share/ca-certificates: install, forwarding rules, hosts lines,
+    trust-store entries and boot units are real there, and gone with it. Root on Linux."""
+
+    def __init__(self, tmp: Path):
+        import shutil
+        import uuid
+
+        self.name = f"mlxgate-{uuid.uuid4().hex[:8]}"
+        self.etc = tmp / "etc"
+        shutil.copytree("/etc", self.etc, symlinks=True)
+        self.anchors = tmp / "ca-anchors"
+        shutil.copytree("/usr/local/share/ca-certificates", self.anchors, symlinks=True)
+        subprocess.run(["ip", "netns", "add", self.name], check=True)
+        self.run(["ip", "link", "set", "lo", "up"], env=dict(os.environ), check=True)
+        if shutil.which("update-ca-certificates"):  # the store as the system's tool leaves it, to compare with
+            self.run(["update-ca-certificates"], env=dict(os.environ), check=True)
+        self.etc_before = tmp / "etc-before"
+        shutil.copytree(self.etc, self.etc_before, symlinks=True)
+
+    def run(self, argv: list[str], env: dict, check: bool = False, timeout: float = 300,
+            input: str | None = None) -> subprocess.CompletedProcess:
+        script = (f'mount --bind {self.etc} /etc && mount --bind {self.anchors} '
+                  f'/usr/local/share/ca-certificates && exec "$@"')
+        result = subprocess.run(["ip", "netns", "exec", self.name, "sh", "-c", script, "sh", *argv], env=env,
+                                cwd=ROOT, capture_output=True, text=True, timeout=timeout, input=input)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{' '.join(argv)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def nft_ruleset(self) -> str:
+        return self.run(["nft", "list", "ruleset"], env=dict(os.environ), check=True).stdout
+
+    def changed_in_etc(self) -> list[str]:
+        """Files of /etc that differ from before (content, or present on one side only). Java's
+        keystore is left out: update-ca-certificates writes it anew, with new dates, every time."""
+        result = subprocess.run(["diff", "-rq", "--no-dereference", "--exclude=cacerts", str(self.etc_before),
+                                 str(self.etc)], capture_output=True, text=True)
+        return result.stdout.splitlines()
+
+    def close(self) -> None:
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
+
+
+def tree(path: Path) -> list[str]:
+    """Every file and folder under `path`, relative to it."""
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))

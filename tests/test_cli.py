@@ -32,8 +32,18 @@ def test_load_of_an_unknown_model_fails_with_the_reason(wrapper):
 def test_a_wrong_key_and_a_stopped_wrapper_are_explained(wrapper):
     wrong = mlxgate("models", env={**wrapper.env, "MLXGATE_API_KEY": "nope"})
     assert wrong.returncode == 1 and "API key" in wrong.stderr
-    down = mlxgate("models", env={**wrapper.env, "MLX_WRAPPER_URL": f"http://127.0.0.1:{free_port()}"})
+    down = mlxgate("load", "tiny-a", env={**wrapper.env, "MLX_WRAPPER_URL": f"http://127.0.0.1:{free_port()}"})
     assert down.returncode == 1 and "the wrapper is not running at" in down.stderr
+
+
+def test_models_lists_the_local_models_while_the_gateway_is_stopped(models_dir, tmp_path):
+    env = {**os.environ, "MLXGATE_HOME": str(tmp_path), "MLXGATE_MODEL_DIRS": str(models_dir),
+           "MLX_WRAPPER_URL": f"http://127.0.0.1:{free_port()}", "MLXGATE_CONFIG": str(tmp_path / "none.yaml")}
+    listing = mlxgate("models", env=env)
+    assert listing.returncode == 0, listing.stderr
+    rows = {line.split()[0]: line.split() for line in listing.stdout.splitlines()[1:] if line.strip()}
+    assert rows["tiny-a"][1:3] == ["model_dir", "-"] and rows["org/tiny-b"][1] == "model_dir"
+    assert "the gateway is not running: nothing is loaded" in listing.stdout
 
 
 def test_a_bad_config_stops_the_command_with_file_key_and_fix(tmp_path):

@@ -215,3 +215,32 @@ def test_the_readme_example_plugin_works(tmp_path):
     refused = CallContext("chat_completions", "x", {"messages": [{"content": "forbidden"}]}, config)
     with pytest.raises(RequestRejected, match="does not answer that"):
         pm.hook.mlxgate_pre_call(ctx=refused)
+
+
+@pytest.mark.parametrize("listener, client, headers, status", [
+    ("https", ("127.0.0.1", 50000), {"x-api-key": "sk-ant-someone"}, 404),        # let in (then: no route)
+    ("https", ("::1", 50000), {"authorization": "Bearer sk-ant-oat01-someone"}, 404),
+    ("https", ("127.0.0.1", 50000), {}, 401),                                       # no credential at all
+    ("https", ("192.168.1.20", 50000), {"x-api-key": "sk-ant-someone"}, 401),     # not from this machine
+    ("http", ("127.0.0.1", 50000), {"x-api-key": "sk-ant-someone"}, 401),         # the HTTP listener
+    ("http", ("192.168.1.20", 50000), {"x-api-key": "gateway-key"}, 404),         # the gateway's key: anywhere
+])
+def test_standing_in_lets_loopback_clients_in_with_their_own_credentials(listener, client, headers, status):
+    import asyncio
+
+    from mlxgate.proxy.edge import build
+
+    config = load_config(Path("/nonexistent.yaml"), env={"MLXGATE_API_KEY": "gateway-key"},
+                         overrides={"ssl_domain": "api.anthropic.com", "stand_in_any_key": True})
+    edge = build(config, https=listener == "https")
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+    scope = {"type": "http", "method": "GET", "path": "/v1/nowhere", "client": client,
+             "headers": [(k.encode(), v.encode()) for k, v in headers.items()]}
+    asyncio.run(edge(scope, receive, send))
+    assert sent[0]["status"] == status

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import logging
 
@@ -34,9 +35,10 @@ KEY_HINT = ("invalid or missing API key: send it as `x-api-key` (Anthropic clien
 
 class Edge:
     def __init__(self, config: Config, hooks: Hooks | None = None, relay: RelayClient | None = None,
-                 cloud=None):
+                 cloud=None, stand_in: bool = False):
         self.config = config
         self.api_key = config.api_key.encode() if config.api_key else None
+        self.stand_in = stand_in  # any credential from loopback passes (see `_stand_in_lets_in`)
         self.hooks = hooks or Hooks(config)
         self.relay = relay or RelayClient(config)
         self.cloud = cloud
@@ -52,7 +54,7 @@ class Edge:
         if path in routes.OPEN_PATHS:
             return await _json(send, 200, b'{"status": "ok"}')
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if self.api_key and not self._authorized(headers):
+        if self.api_key and not (self._authorized(headers) or self._stand_in_lets_in(scope, headers)):
             return await _error(send, api, "authentication", KEY_HINT)
 
         route = routes.POST_ROUTES.get(path) if method == "POST" else None
@@ -127,11 +129,13 @@ class Edge:
         return b"".join(chunks)
 
     def _authorized(self, headers: dict) -> bool:
-        given = headers.get("x-api-key") or ""
-        auth = headers.get("authorization", "")
-        if not given and auth.lower().startswith("bearer "):
-            given = auth[7:].strip()
-        return hmac.compare_digest(given.encode(), self.api_key)
+        return hmac.compare_digest(_credential(headers).encode(), self.api_key)
+
+    # ---- standing in for ssl_domain (stand_in_any_key): the real service's clients send
+    # their own API key or OAuth token; on the HTTPS listener, from this machine only, any
+    # credential is let in. The HTTP listener and other addresses keep the gateway's key.
+    def _stand_in_lets_in(self, scope, headers: dict) -> bool:
+        return self.stand_in and _loopback(scope.get("client")) and bool(_credential(headers))
 
     async def _lifespan(self, scope, receive, send) -> None:
         if self.cloud is not None:  # LiteLLM loads its deployments at startup
@@ -144,6 +148,22 @@ class Edge:
                 await self.relay.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+def _credential(headers: dict) -> str:
+    """The key a client sent: `x-api-key`, else `Authorization: Bearer`."""
+    given = headers.get("x-api-key") or ""
+    auth = headers.get("authorization", "")
+    if not given and auth.lower().startswith("bearer "):
+        given = auth[7:].strip()
+    return given
+
+
+def _loopback(client) -> bool:
+    try:
+        return ipaddress.ip_address(client[0]).is_loopback
+    except (TypeError, IndexError, ValueError):
+        return False
 
 
 async def _until_disconnect(call, receive) -> None:
@@ -183,7 +203,7 @@ async def _json(send, status: int, payload: bytes) -> None:
                  payload)
 
 
-def build(config: Config) -> Edge:
+def build(config: Config, https: bool = False) -> Edge:
     """The edge as the proxy program runs it: LiteLLM loaded only for a `litellm:` section."""
     from . import litellm_config
 
@@ -191,5 +211,6 @@ def build(config: Config) -> Edge:
     if litellm_config.enabled(config):
         from .cloud import Cloud
         cloud = Cloud(config)
-    return Edge(config, cloud=cloud)
+    stand_in = https and bool(config.ssl_domain) and config.stand_in_any_key
+    return Edge(config, cloud=cloud, stand_in=stand_in)
 

@@ -21,4 +21,4 @@ def run(config: Config, https: bool = False) -> None:
         from ..certs import leaf_paths
         cert, key = leaf_paths(config.ssl_path, config.ssl_domain)
         options.update(ssl_certfile=str(cert), ssl_keyfile=str(key))
-    uvicorn.run(build(config), **options)
+    uvicorn.run(build(config, https=https), **options)

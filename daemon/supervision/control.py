@@ -149,7 +149,9 @@ def log_tail(config: Config, program: str, lines: int = 25) -> str:
     return "\n".join(text[-lines:])
 
 
-def _check_ports(config: Config) -> None:
+def _check_ports(config: Config, wait: float = 0.0) -> None:
+    """Refuse a port another process holds; `wait` seconds are given to one that may be
+    closing (the service starting again right after the group went down)."""
     from ..net import port_in_use
 
     wanted = {"port": (config.host, config.port), "wrapper_url": (config.wrapper_host, config.wrapper_port),
@@ -157,49 +159,248 @@ def _check_ports(config: Config) -> None:
               "autocomplete_port": ("127.0.0.1", config.autocomplete_port)}
     if config.enable_https:
         wanted["https_port"] = (config.host, config.https_port)
+    deadline = time.monotonic() + wait
     for key, (host, port) in wanted.items():
-        if port >= 1024 and port_in_use(port, host if host not in ("0.0.0.0", "::") else "127.0.0.1"):
-            raise MlxgateError(f"port {port} ({key}) is already in use by another process. Fix: stop it, "
-                               f"or choose another port (--{key.replace('_', '-')} or {key} in the config).")
+        host = host if host not in ("0.0.0.0", "::") else "127.0.0.1"
+        while port >= 1024 and port_in_use(port, host):
+            if time.monotonic() >= deadline:
+                raise MlxgateError(f"port {port} ({key}) is already in use by another process. Fix: stop it, "
+                                   f"or choose another port (--{key.replace('_', '-')} or {key} in the config).")
+            time.sleep(0.5)
 
 
-def start(config: Config, use_sudo: bool = False, say: Callable[[str], None] = print,
-          timeout: float = 180.0, flags: dict | None = None) -> None:
-    """Start the daemon; `flags` (given to `mlxgate start`) are saved for its programs and later commands."""
+def missing_models(config: Config) -> list[tuple[str, str]]:
+    """(setting, name) of each model the start loads that is not on this machine."""
+    from ..catalog import for_config, is_model_folder
+    from ..errors import UnknownModel
+
+    catalog = for_config(config)
+    missing = []
+    for key in ("default_model", "autocomplete_model"):
+        name = getattr(config, key)
+        if not name:
+            continue
+        try:
+            found = is_model_folder(catalog.resolve(name).path)
+        except UnknownModel:
+            found = False
+        if not found:
+            missing.append((key, name))
+    return missing
+
+
+def _check_models(config: Config) -> None:
+    """A missing model fails the start now, not after the programs started and its load timed out."""
+    for key, name in missing_models(config)[:1]:
+        raise MlxgateError(missing_model(config, name, key))
+
+
+MODEL_FIXES = "Fix, one of:"
+
+
+def missing_model(config: Config, name: str, key: str) -> str:
+    """What to do about a model that is not on this machine: the three ways to get one."""
+    dirs = ", ".join(str(d) for d in config.model_dirs) or "(none)"
+    demo = (config.model_dirs[0] if config.model_dirs else Path("~/models")) / "tiny"
+    return (f"model {name!r} ({key}) is not on this machine: not in the model directories ({dirs}) nor in "
+            f"the Hugging Face cache ({config.hf_cache}). {MODEL_FIXES}\n"
+            f"  mlxgate download {name}            fetch it from the Hugging Face hub, then start again\n"
+            f"  mlxgate start --download-model {name}   download it, then start with it\n"
+            f"  mlxgate demo-model {demo}   a tiny offline model to try the stack, then start with "
+            f"--{key.replace('_', '-')} tiny")
+
+
+def _check_stand_in(config: Config) -> None:
+    """While standing in for ssl_domain, a LiteLLM deployment that calls that domain would
+    reach this gateway again (the hosts entry points the name here)."""
+    from urllib.parse import urlparse
+
+    if not config.ssl_domain:
+        return
+    for index, deployment in enumerate((config.litellm or {}).get("model_list") or []):
+        params = deployment["litellm_params"]
+        base = params.get("api_base")
+        calls = (urlparse(base).hostname if base else
+                 "api.anthropic.com" if params["model"].startswith("anthropic/") else None)
+        if calls == config.ssl_domain:
+            raise MlxgateError(
+                f"litellm.model_list.{index} ({deployment['model_name']}: {params['model']}) would call "
+                f"{config.ssl_domain}, which this gateway stands in for (ssl_domain): its requests would come "
+                f"back here. Fix: give it an `api_base` that reaches the real service by another name or "
+                f"address, remove it from the litellm: section, or stop standing in (no --ssl-domain "
+                f"{config.ssl_domain}).")
+
+
+class StartBlocked(MlxgateError):
+    """What stopped a start needs a person: starting again would meet it again."""
+
+
+EXIT_GROUP_DOWN = 75  # EX_TEMPFAIL: the group went down; the service manager starts it again
+EXIT_BLOCKED = 78     # EX_CONFIG: a cause no restart cures (systemd: RestartPreventExitStatus=78)
+BLOCKED_FILE = "blocked.json"
+
+
+def prepare(config: Config, use_sudo: bool = False, say: Callable[[str], None] = print,
+            flags: dict | None = None, port_wait: float = 0.0) -> dict[str, str]:
+    """Everything before supervisord runs; returns the environment it runs with. Whatever
+    fails here fails the same way next time (`StartBlocked`)."""
     from ..plugins import make_manager
     from ..proxy import litellm_config
 
     supervisor = Supervisor(config.home)
     if supervisor.running():
-        raise MlxgateError(f"mlxgate is already running (runtime folder {config.home}). "
+        raise StartBlocked(f"mlxgate is already running (runtime folder {config.home}). "
                            f"Use `mlxgate restart` or `mlxgate stop` first.")
-    if flags is not None:
-        save_start_options(config, {**flags, "use_sudo": use_sudo})
-    make_manager(config.plugin_dirs)  # a broken plugin stops the start here, with file and line
-    _check_ports(config)
-    config.log_dir.mkdir(parents=True, exist_ok=True)
-    include = config.home / "supervisord.d"
-    include.mkdir(exist_ok=True)
-    https_conf = include / "proxy_https.conf"
-    if config.enable_https:
-        from ..certs import ensure_leaf
-        cert, _, made = ensure_leaf(config.ssl_path, config.ssl_domain)
-        say(f"{'made' if made else 'using'} TLS certificate {cert} (authority {config.ssl_path / 'ca.pem'})")
-        https_conf.write_text(HTTPS_PROGRAM.replace("{root}", str(PROJECT_ROOT)))
-    elif https_conf.exists():
-        https_conf.unlink()
-    litellm_config.write(config)
-    env = program_env(config, use_sudo)
+    try:
+        if flags is not None:
+            save_start_options(config, {**flags, "use_sudo": use_sudo})
+        make_manager(config.plugin_dirs)  # a broken plugin stops the start here, with file and line
+        _check_models(config)
+        _check_stand_in(config)
+        _check_ports(config, port_wait)
+        config.log_dir.mkdir(parents=True, exist_ok=True)
+        include = config.home / "supervisord.d"
+        include.mkdir(exist_ok=True)
+        https_conf = include / "proxy_https.conf"
+        if config.enable_https:
+            from ..certs import ensure_leaf
+            cert, _, made = ensure_leaf(config.ssl_path, config.ssl_domain)
+            say(f"{'made' if made else 'using'} TLS certificate {cert} (authority {config.ssl_path / 'ca.pem'})")
+            https_conf.write_text(HTTPS_PROGRAM.replace("{root}", str(PROJECT_ROOT)))
+        elif https_conf.exists():
+            https_conf.unlink()
+        litellm_config.write(config)
+    except StartBlocked:
+        raise
+    except MlxgateError as exc:
+        raise StartBlocked(str(exc)) from None
+    (config.home / BLOCKED_FILE).unlink(missing_ok=True)  # whatever stopped the last start is gone
+    return program_env(config, use_sudo)
+
+
+def _supervisord(*args: str) -> list[str]:
+    return [sys.executable, "-m", "supervisor.supervisord", *args, "-c", str(CONF)]
+
+
+def start(config: Config, use_sudo: bool = False, say: Callable[[str], None] = print,
+          timeout: float = 180.0, flags: dict | None = None) -> None:
+    """Start the daemon; `flags` (given to `mlxgate start`) are saved for its programs and later commands."""
+    env = prepare(config, use_sudo, say, flags)
     say(f"starting supervisord (runtime folder {config.home})")
-    result = subprocess.run([sys.executable, "-m", "supervisor.supervisord", "-c", str(CONF)], env=env,
-                            capture_output=True, text=True)
+    result = subprocess.run(_supervisord(), env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise MlxgateError(f"supervisord did not start: {(result.stderr or result.stdout).strip()}")
     try:
-        wait_healthy(config, supervisor, say, timeout)
+        wait_healthy(config, Supervisor(config.home), say, timeout)
     except MlxgateError:
         stop(config, say=lambda _: None)
         raise
+
+
+def run_foreground(config: Config, use_sudo: bool = False, say: Callable[[str], None] = print,
+                   timeout: float = 180.0, flags: dict | None = None,
+                   blocked_exit: int = EXIT_BLOCKED, launch: Callable = subprocess.Popen) -> int:
+    """The start the boot service runs: the same preparation, then supervisord in the
+    foreground until it exits. The exit status tells the service manager what to do:
+    0 stopped on request (SIGTERM, SIGINT or SIGHUP), `EXIT_GROUP_DOWN` start again,
+    `blocked_exit` do not (the cause is kept in `blocked.json` for `status` and `doctor`)."""
+    blocked = config.home / BLOCKED_FILE
+    try:
+        env = prepare(config, use_sudo, say, flags, port_wait=15.0)
+    except StartBlocked as exc:
+        say(f"mlxgate cannot start: {exc}")
+        _record_blocked(blocked, exc)
+        return blocked_exit
+    say(f"starting supervisord in the foreground (runtime folder {config.home})")
+    child = launch(_supervisord("-n"), env=env)
+    stopping = []
+
+    def forward(signum, _frame):
+        stopping.append(signum)
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    supervisor = Supervisor(config.home)
+    try:
+        deadline = time.monotonic() + 30
+        while not supervisor.running():  # its socket first: `wait_healthy` reads a missing one as an exit
+            if child.poll() is not None or time.monotonic() > deadline:
+                raise MlxgateError(f"supervisord did not start; see {config.log_dir / 'supervisord.log'}")
+            time.sleep(0.1)
+        wait_healthy(config, supervisor, say, timeout)
+        say("mlxgate is running")
+    except MlxgateError as exc:
+        if not stopping:
+            say(f"mlxgate did not come up: {exc}")
+            child.send_signal(signal.SIGTERM)
+            child.wait()
+            if isinstance(exc, StartBlocked):
+                _record_blocked(blocked, exc)
+                return blocked_exit
+            return EXIT_GROUP_DOWN
+    code = child.wait()
+    if stopping:
+        say("mlxgate stopped")
+        return 0
+    say(f"the group went down (supervisord exited with {code}); see `mlxgate logs`")
+    return EXIT_GROUP_DOWN
+
+
+def start_through(action: Callable[[], None], config: Config, say: Callable[[str], None] = print,
+                  timeout: float = 180.0) -> None:
+    """Start (or restart) through the boot service's manager, then wait as `start` does;
+    a start the service gave up on fails with its cause."""
+    (config.home / BLOCKED_FILE).unlink(missing_ok=True)
+    action()
+    supervisor = Supervisor(config.home)
+    deadline = time.monotonic() + timeout
+    while not supervisor.running():
+        cause = blocked_cause(config.home)
+        if cause:
+            raise StartBlocked(cause["error"])
+        if time.monotonic() > deadline:
+            raise MlxgateError(f"the boot service did not start supervisord within {timeout:g} s; "
+                               f"see `mlxgate logs service`")
+        time.sleep(0.25)
+    wait_healthy(config, supervisor, say, max(1.0, deadline - time.monotonic()))
+
+
+def restart_program(config: Config, name: str, say: Callable[[str], None] = print, timeout: float = 120.0) -> None:
+    """Restart one program and wait until it answers (the wrapper: and its models are loaded)."""
+    if name not in PROGRAMS:
+        raise MlxgateError(f"unknown program {name!r}; expected one of {', '.join(PROGRAMS)}")
+    supervisor = Supervisor(config.home)
+    if not supervisor.running():
+        raise MlxgateError("mlxgate is not running; start it with `mlxgate start`")
+    for call in (supervisor.rpc.supervisor.stopProcess, supervisor.rpc.supervisor.startProcess):
+        try:
+            call(name)
+        except Exception as exc:  # xmlrpc Fault: NOT_RUNNING on stop is fine
+            if "NOT_RUNNING" not in str(exc):
+                raise MlxgateError(f"cannot restart {name}: {exc}") from None
+    endpoint = {e.name: e for e in endpoints(config)}.get(name)
+    deadline = time.monotonic() + timeout
+    while endpoint and probe(endpoint) is not None:
+        if time.monotonic() > deadline:
+            raise MlxgateError(f"{name} restarted but does not answer at {endpoint.url} after {timeout:g} s. "
+                               f"Its last log lines:\n{log_tail(config, name)}")
+        time.sleep(0.1)
+    if name == "wrapper":
+        _wait_models(config, say, deadline)
+
+
+def _record_blocked(path: Path, exc: Exception) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"error": str(exc), "at": time.strftime("%Y-%m-%d %H:%M:%S")}))
+
+
+def blocked_cause(home: Path) -> dict | None:
+    """Why the last service start gave up, when it did (see `run_foreground`)."""
+    try:
+        return json.loads((home / BLOCKED_FILE).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def wait_healthy(config: Config, supervisor: Supervisor, say: Callable[[str], None], timeout: float) -> None:
@@ -244,7 +445,7 @@ def _wait_models(config: Config, say: Callable[[str], None], deadline: float) ->
             if state == "ready":
                 say(f"  {wanted.pop(role)} is ready on the {role} server ({servers[role]['load_seconds']} s)")
             elif state == "failed":
-                raise MlxgateError(f"{wanted[role]} failed to load on the {role} server: {servers[role]['error']}")
+                raise StartBlocked(f"{wanted[role]} failed to load on the {role} server: {servers[role]['error']}")
         if time.monotonic() > deadline:
             raise MlxgateError(f"{', '.join(wanted.values())} not loaded in time; see `mlxgate logs wrapper`")
         time.sleep(0.25)

@@ -39,7 +39,7 @@ from flask import Flask, Response, request, stream_with_context
 
 from .. import relay_protocol as paths
 from ..api_errors import ANTHROPIC, OPENAI, RESPONSES, error_event, exception_response, kind_of
-from ..catalog import LocalModel
+from ..catalog import LocalModel, context_length
 from ..errors import BackendError, MlxgateError, RequestRejected, Unavailable
 from ..json_body import dump, parse_object
 from ..messages.chat import assemble_chat
@@ -101,7 +101,7 @@ class Relay:
     def _fit_context(self, model: LocalModel, chat: dict, api: str) -> int:
         """The prompt's tokens; 400 when it does not fit the window, `max_tokens` lowered to what does."""
         count = tokens.count_chat(model.path, chat)
-        limit = tokens.context_length(model.path)
+        limit = context_length(model.path)
         if limit:
             if count >= limit:
                 raise RequestRejected(400, f"prompt is too long: {count} tokens > {limit} maximum"

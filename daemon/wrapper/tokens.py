@@ -104,19 +104,6 @@ def counter(path: Path) -> Counter:
     return made
 
 
-def context_length(path: Path) -> int | None:
-    """The model's context window from its config, when it says."""
-    try:
-        config = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    for section in (config, config.get("text_config") or {}):
-        for key in ("max_position_embeddings", "max_sequence_length", "seq_length", "n_ctx"):
-            if isinstance(section.get(key), int) and section[key] > 0:
-                return section[key]
-    return None
-
-
 def _prepared(messages: list) -> list:
     """The messages as `mlx_lm.server` hands them to the template (its
     `process_message_content`), copied only where it would change them."""

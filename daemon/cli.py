@@ -320,7 +320,9 @@ def _codex_config(config: Config, base: str) -> str:
     so Codex compacts its conversation before the gateway would refuse it."""
     window = _context_window(config)
     lines = ["# Codex CLI: add to ~/.codex/config.toml (or pass each setting with -c), and run codex with",
-             f"# MLXGATE_API_KEY={config.api_key} in its environment.",
+             f"# MLXGATE_API_KEY={config.api_key} in its environment"
+             + (f" and CODEX_CA_CERTIFICATE={config.ssl_path / 'ca.pem'} (the local authority)."
+                if base.startswith("https:") else "."),
              'model = "gpt-5.5"  # gpt-* names are answered by the default model; or name a local model',
              'model_provider = "mlxgate"']
     if window:

@@ -182,7 +182,7 @@ def stop() -> int:
         was = control.Supervisor(config.home).running()
         manager.stop()  # through the manager, or it would start the gateway again
         control.stop(config, say=lambda _: None)
-        print(f"mlxgate stopped (the boot service stays installed; `mlxgate start` starts it)" if was
+        print("mlxgate stopped (the boot service stays installed; `mlxgate start` starts it)" if was
               else "mlxgate is not running")
         return 0
     print("mlxgate stopped" if control.stop(config) else "mlxgate is not running")
@@ -546,6 +546,70 @@ def doctor() -> int:
     from .doctor import diagnose, report
 
     return 0 if report(diagnose(_config())) else 1
+
+
+@cli.command()
+@click.option("--since", default="1d", show_default=True, help="how far back: 30m, 12h, 1d, 2w, or all")
+@click.option("--by", "by", type=click.Choice(("model", "day", "api", "client", "route")), default="model",
+              show_default=True, help="one row per")
+@click.option("--json", "as_json", is_flag=True, help="print the rows as JSON")
+def usage(since: str, by: str, as_json: bool) -> int:
+    """requests, tokens and speed from the usage ledger, per model, day, API or client"""
+    from .ledger import Ledger, parse_since
+
+    config = _config()
+    ledger = Ledger.for_config(config)
+    try:
+        rows = ledger.summary(parse_since(since), by)
+    finally:
+        ledger.close()
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no requests in the usage ledger ({ledger.where}) since {since}")
+        return 0
+
+    def number(value, digits: int = 0) -> str:
+        return "-" if value is None else f"{value:,.{digits}f}"
+    _table((by.upper(), "REQUESTS", "ERRORS", "CANCELLED", "INPUT", "CACHED", "OUTPUT", "FIRST TOKEN MS", "TOKENS/S"),
+           [(r["key"], r["requests"], r["errors"], r["cancelled"], number(r["input_tokens"]),
+             number(r["cached_tokens"]), number(r["output_tokens"]), number(r["ttft_ms"]),
+             number(r["tokens_per_second"], 1)) for r in rows])
+    return 0
+
+
+@cli.group()
+def docker() -> None:
+    """the Docker stack in docker/: LiteLLM's admin UI, PostgreSQL, Prometheus and Grafana in front of mlxgate"""
+
+
+@docker.command("up")
+@click.option("--max-tokens", type=int, help="cap LiteLLM applies to each answer it asks mlxgate for")
+@click.option("--build", is_flag=True, help="build images that have a build section first")
+def docker_up(max_tokens: int | None, build: bool) -> int:
+    """start the stack (mlxgate itself stays on this machine)"""
+    from .system import docker_stack
+
+    return docker_stack.up(_config(), max_tokens=max_tokens, build=build, say=print)
+
+
+@docker.command("down")
+def docker_down() -> int:
+    """stop the stack and remove its containers (its volumes stay)"""
+    from .system import docker_stack
+
+    return docker_stack.compose(_config(), ["down"])
+
+
+@docker.command("logs")
+@click.argument("service", required=False)
+@click.option("-f", "--follow", is_flag=True)
+def docker_logs(service: str | None, follow: bool) -> int:
+    """the stack's logs (one service: litellm_proxy, postgres, prometheus, grafana)"""
+    from .system import docker_stack
+
+    return docker_stack.compose(_config(), ["logs", *(["-f"] if follow else []), *([service] if service else [])])
 
 
 def _table(header: tuple[str, ...], rows: list[tuple]) -> None:

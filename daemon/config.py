@@ -128,6 +128,15 @@ def _model_routes(value: Any) -> dict[str, str]:
     return {k.strip().lower(): v.strip() for k, v in value.items()}
 
 
+def _database_url(value: Any) -> str | None:
+    text = _optional_text(value)
+    if text is None or text.startswith(("postgresql://", "postgres://")):
+        return text
+    if "://" in text:
+        raise ValueError("expected a postgresql:// URL or a SQLite file path")
+    return str(Path(text).expanduser())
+
+
 def _size(value: Any) -> int:
     if isinstance(value, str) and value.strip()[-1:].upper() in ("K", "M", "G"):
         unit = {"K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}[value.strip()[-1].upper()]
@@ -276,6 +285,13 @@ SETTINGS: tuple[Setting, ...] = (
             "Extra command-line arguments for every mlx_lm.server (e.g. --kv-bits 8).", "[]"),
     Setting("detailed_debug", _boolean, False, "DETAILED_DEBUG",
             "Log each request as the hooks changed it (API keys are always redacted).", "false"),
+    Setting("record_usage", _boolean, True, "MLXGATE_RECORD_USAGE",
+            "Record each request: the request counts of /metrics, the status page and the usage ledger "
+            "(off: none of them, e.g. as a benchmark's baseline).", "true"),
+    Setting("database_url", _database_url, None, "MLXGATE_DATABASE_URL",
+            "Where the usage ledger is written: a postgresql:// URL, or a SQLite file path; none means "
+            "usage.sqlite in the runtime folder.",
+            "postgresql://mlxgate@localhost/mlxgate"),
     Setting("litellm", _litellm, {}, None,
             "Deployments that are not local, served by LiteLLM inside the proxy program: LiteLLM's own "
             "model_list, litellm_settings and router_settings.",

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 # Names the local model that must answer (the hooks decided it); absent: the one serving.
 MODEL_HEADER = "x-mlxgate-model"
+# The model name the client asked for, for the usage record.
+REQUESTED_HEADER = "x-mlxgate-requested-model"
+# The client's own headers the relay reads, for the usage record (who sent it).
+CLIENT_HEADERS = ("user-agent", "originator")
 
 # The relay's routes, after /backends/<server> (server: dynamic or autocomplete).
 MESSAGES = "/v1/messages"

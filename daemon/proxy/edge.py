@@ -13,19 +13,26 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import http.cookies
 import ipaddress
 import json
 import logging
+import time
+import urllib.parse
 
-from ..api_errors import ANTHROPIC, OPENAI, error_response, exception_response, is_anthropic_path
+from ..api_errors import ANTHROPIC, OPENAI, error_response, exception_response, is_anthropic_path, kind_of
 from ..config import Config
 from ..errors import MlxgateError
 from ..hookspecs import LITELLM
 from ..json_body import parse_object
-from . import routes
+from ..relay_protocol import CLIENT_HEADERS, REQUESTED_HEADER
+from ..usage import Record, client_name
+from . import routes, status_page
 from .model_list import models
 from .pipeline import Hooks
+from .records import RecordSender
 from .relay_client import RelayClient
+from .usage_sniffer import UsageSniffer
 
 log = logging.getLogger("mlxgate.proxy")
 
@@ -42,6 +49,7 @@ class Edge:
         self.hooks = hooks or Hooks(config)
         self.relay = relay or RelayClient(config)
         self.cloud = cloud
+        self.records = RecordSender(self.relay.post_bytes, enabled=config.record_usage)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":
@@ -50,17 +58,25 @@ class Edge:
             return None
         path = scope.get("path", "").rstrip("/") or "/"
         method = scope.get("method")
-        api = ANTHROPIC if is_anthropic_path(path) else OPENAI  # until the route says
+        api = ANTHROPIC if is_anthropic_path(path) else OPENAI  # the family; a route says its error shape
         if path in routes.OPEN_PATHS:
             return await _json(send, 200, b'{"status": "ok"}')
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if self.api_key and not (self._authorized(headers) or self._stand_in_lets_in(scope, headers)):
-            return await _error(send, api, "authentication", KEY_HINT)
-
+        if method == "GET" and (path == "/" or path.startswith("/static/")):
+            return await self._page(scope, path, headers, send)
+        if path == "/login":
+            return await self._login(method, receive, send)
         route = routes.POST_ROUTES.get(path) if method == "POST" else None
+        if self.api_key and not (self._authorized(headers) or self._stand_in_lets_in(scope, headers)):
+            if route is not None:
+                self.records.add(Record(api=api, route=route.name, status=401, error="authentication",
+                                        client=client_name(headers.get("user-agent"), headers.get("originator"))))
+            return await _error(send, api, "authentication", KEY_HINT)
         if route is None:
             if method == "GET" and path in routes.MODEL_LIST_PATHS:
                 return await self._guarded(send, api, self._models(send))
+            if method == "GET" and path == routes.METRICS_PATH:
+                return await self._guarded(send, api, self._metrics(send))
             stored = routes.STORED_RESPONSE.match(path) if method in ("GET", "DELETE") else None
             if stored:
                 query = scope.get("query_string", b"").decode("latin-1")
@@ -71,38 +87,139 @@ class Edge:
             return await _error(send, api, "not_found", f"no route {method} {path} here: mlxgate serves "
                                 f"POST /v1/messages, /v1/messages/count_tokens, /v1/chat/completions, "
                                 f"/v1/completions, /v1/responses, /v1/responses/input_tokens, "
-                                f"GET and DELETE /v1/responses/ID and GET /v1/models")
-        api = route.api
+                                f"GET and DELETE /v1/responses/ID and GET /v1/models, /metrics, /")
+        record = Record(api=api, route=route.name, client=client_name(headers.get("user-agent"),
+                                                                      headers.get("originator")))
+        tracked = _Tracked(send)
+        started = time.perf_counter()
+        mine = True
+        try:
+            mine = await self._request(scope, receive, tracked, route, route.api, headers, record)
+        except asyncio.CancelledError:
+            record.cancelled = True
+            mine = record.server != "relay"
+            raise
+        finally:
+            if mine:  # the relay records what it answered; the rest is recorded here
+                record.status, record.total_ms = tracked.status, (time.perf_counter() - started) * 1000
+                tracked.usage.fill(record)
+                self.records.add(record)
+        return None
+
+    async def _request(self, scope, receive, send, route: routes.Route, api: str, headers: dict,
+                       record: Record) -> bool:
+        """Answer one API request; False when the relay answered it (and so recorded it)."""
         body = await self._body(headers, receive, send, api)
         if body is None:
-            return None
+            record.cancelled = send.status == 0
+            return True
         try:
             data = parse_object(body)
         except ValueError as exc:
-            return await _error(send, api, "invalid_request", str(exc))
+            record.error = "invalid_request"
+            await _error(send, api, "invalid_request", str(exc))
+            return True
+        record.requested_model = str(data.get("model") or "")[:256]
+        record.stream = data.get("stream") is True
         try:
             ctx = self.hooks.run(route.name, data)
         except MlxgateError as exc:
-            return await _reply(send, *exception_response(api, exc))
+            record.error = kind_of(exc)[0]
+            await _reply(send, *exception_response(api, exc))
+            return True
         except Exception as exc:
             log.exception("a plugin failed on %s", route.name)
-            return await _error(send, api, "api_error", f"a plugin failed: {type(exc).__name__}: {exc}")
+            record.error = "api_error"
+            await _error(send, api, "api_error", f"a plugin failed: {type(exc).__name__}: {exc}")
+            return True
         target = ctx.target
+        record.served_model, record.server = target.model, target.server
         if target.server == LITELLM:
             if self.cloud is None:
-                return await _error(send, api, "not_found", f"model {target.model!r} names a LiteLLM deployment, "
-                                    f"but the config's litellm: section lists none")
-            call = self.cloud.forward(scope, ctx.data, send, api)
-        else:
-            call = self.relay.forward(send, api, target.server, route.relay_path, target.model, ctx.data)
-        return await self._guarded(send, api, _until_disconnect(call, receive))
+                record.error = "not_found"
+                await _error(send, api, "not_found", f"model {target.model!r} names a LiteLLM deployment, "
+                             f"but the config's litellm: section lists none")
+                return True
+            send.usage.watch()
+            await self._guarded(send, api, _until_disconnect(self.cloud.forward(scope, ctx.data, send, api),
+                                                             receive), record)
+            return True
+        client = {name: headers[name] for name in CLIENT_HEADERS if name in headers}
+        client[REQUESTED_HEADER] = record.requested_model
+        record.server = "relay"  # from here on, the relay makes the record (unless it is not there)
+        call = self.relay.forward(send, api, target.server, route.relay_path, target.model, ctx.data, client)
+        try:
+            await _until_disconnect(call, receive)
+        except MlxgateError as exc:
+            record.server, record.error = target.server, kind_of(exc)[0]
+            await _reply(send, *exception_response(api, exc))
+            return True
+        return False
 
-    async def _guarded(self, send, api: str, call) -> None:
+    async def _guarded(self, send, api: str, call, record: Record | None = None) -> None:
         """Run `call`; an error it raises before answering becomes the API's error answer."""
         try:
             await call
         except MlxgateError as exc:
+            if record is not None:
+                record.error = kind_of(exc)[0]
             await _reply(send, *exception_response(api, exc))
+
+    async def _metrics(self, send) -> None:
+        text = await self.relay.get_bytes(routes.METRICS_PATH)
+        await _reply(send, 200, [("content-type", "text/plain; version=0.0.4; charset=utf-8"),
+                                 ("content-length", str(len(text)))], text)
+
+    # ------------------------------------------------------------------ the status page
+    def _may_see_page(self, scope, headers: dict) -> bool:
+        if _loopback(scope.get("client")) or not self.api_key:
+            return True
+        cookie = http.cookies.SimpleCookie(headers.get("cookie", ""))
+        given = cookie[status_page.COOKIE].value if status_page.COOKIE in cookie else _credential(headers)
+        return hmac.compare_digest(given.encode(), self.api_key)
+
+    async def _page(self, scope, path: str, headers: dict, send) -> None:
+        if path.startswith("/static/"):
+            name = path[len("/static/"):]
+            kind = status_page.STATIC_FILES.get(name)
+            if kind is None:
+                return await _error(send, OPENAI, "not_found", f"no file {name!r}")
+            data = (status_page.STATIC / name).read_bytes()
+            return await _reply(send, 200, [("content-type", kind), ("content-length", str(len(data))),
+                                            ("cache-control", "max-age=86400")], data)
+        if not self._may_see_page(scope, headers):
+            return await _reply(send, 303, [("location", "/login"), ("content-length", "0")], b"")
+        try:
+            data = await self.relay.get_json("/status")
+        except MlxgateError as exc:
+            data = {"servers": {}, "error": str(exc)}
+        links = {"metrics": routes.METRICS_PATH, "models": "/v1/models"}
+        if self.cloud is not None:
+            links["LiteLLM UI"] = "/ui"
+        page = status_page.render(data, links).encode()
+        await _reply(send, 200, [("content-type", "text/html; charset=utf-8"), ("content-length", str(len(page)))],
+                     page)
+
+    async def _login(self, method: str, receive, send) -> None:
+        problem = ""
+        if method == "POST":
+            body = b""
+            more = True
+            while more:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                body += message.get("body", b"")
+                more = message.get("more_body", False) and len(body) < 4096
+            given = (urllib.parse.parse_qs(body.decode("utf-8", "replace")).get("key") or [""])[0]
+            if self.api_key is None or hmac.compare_digest(given.encode(), self.api_key):
+                cookie = f"{status_page.COOKIE}={given}; HttpOnly; SameSite=Strict; Path=/"
+                return await _reply(send, 303, [("location", "/"), ("set-cookie", cookie),
+                                                ("content-length", "0")], b"")
+            problem = "That is not the gateway's key."
+        page = status_page.login_page(problem).encode()
+        await _reply(send, 401 if problem else 200, [("content-type", "text/html; charset=utf-8"),
+                                                     ("content-length", str(len(page)))], page)
 
     async def _models(self, send) -> None:
         await _json(send, 200, json.dumps(await models(self.config, self.relay)).encode())
@@ -145,6 +262,7 @@ class Edge:
             if message["type"] == "lifespan.startup":
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                await self.records.flush()
                 await self.relay.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
@@ -164,6 +282,22 @@ def _loopback(client) -> bool:
         return ipaddress.ip_address(client[0]).is_loopback
     except (TypeError, IndexError, ValueError):
         return False
+
+
+class _Tracked:
+    """The client's `send`, noting the status of the answer and (for LiteLLM's) its usage."""
+
+    def __init__(self, send):
+        self.send = send
+        self.status = 0
+        self.usage = UsageSniffer()
+
+    async def __call__(self, message: dict) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        elif message["type"] == "http.response.body":
+            self.usage.feed(message.get("body", b""))
+        await self.send(message)
 
 
 async def _until_disconnect(call, receive) -> None:

@@ -50,9 +50,24 @@ class RelayClient:
             raise Unavailable(f"the MLX wrapper at {self.base} did not answer ({type(exc).__name__}). "
                               f"Check `mlxgate status`.") from None
 
-    async def forward(self, send, api: str, server: str, api_path: str, model: str, data: dict) -> None:
+    async def get_bytes(self, path: str) -> bytes:
+        try:
+            async with self._client().get(self.base + path, headers=self.headers) as response:
+                response.raise_for_status()
+                return await response.read()
+        except (aiohttp.ClientError, OSError) as exc:
+            raise Unavailable(f"the MLX wrapper at {self.base} did not answer ({type(exc).__name__}). "
+                              f"Check `mlxgate status`.") from None
+
+    async def post_bytes(self, path: str, data: bytes) -> None:
+        async with self._client().post(self.base + path, data=data, headers=self.headers) as response:
+            response.raise_for_status()
+
+    async def forward(self, send, api: str, server: str, api_path: str, model: str, data: dict,
+                      client_headers: dict | None = None) -> None:
         """POST `data` to the relay and send its answer to the client (ASGI `send`)."""
-        await self._relay(send, api, "POST", relay_path(server, api_path), dump(data), {MODEL_HEADER: model})
+        headers = {**(client_headers or {}), MODEL_HEADER: model}
+        await self._relay(send, api, "POST", relay_path(server, api_path), dump(data), headers)
 
     async def forward_stored(self, send, method: str, path: str) -> None:
         """A stored response's GET or DELETE (no model, no hooks): the wrapper keeps them."""

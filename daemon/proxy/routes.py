@@ -41,4 +41,5 @@ POST_ROUTES = {
 # (LiteLLM's ids for cloud responses look otherwise, and go to LiteLLM.)
 STORED_RESPONSE = re.compile(r"^(?:/v1)?(/responses/resp_[0-9a-f]{48}(?:/input_items)?)$")
 MODEL_LIST_PATHS = ("/v1/models", "/models")
+METRICS_PATH = "/metrics"  # key required; the wrapper's counts, whichever listener is scraped
 OPEN_PATHS = ("/health/liveliness", "/health/liveness", "/health/readiness")  # no key needed

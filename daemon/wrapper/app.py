@@ -18,12 +18,16 @@ from werkzeug.exceptions import HTTPException
 from ..api_errors import ANTHROPIC, OPENAI, error_response, exception_response
 from ..errors import MlxgateError, invalid
 from ..json_body import parse_object
+from ..usage import Record
 from .fleet import Fleet
+from .metrics import Metrics
+from .recorder import Recorder
 from .relay import register as register_relay
 
 log = logging.getLogger("mlxgate.wrapper")
 
 MANAGEMENT_BODY = 64 * 1024  # /models/...; the relay (/backends/...) takes up to max_body
+RECORDS_BODY = 4 * 1024 * 1024  # /usage/records: a batch from a proxy program
 HTTP_KINDS = {401: "authentication", 404: "not_found", 405: "invalid_request", 413: "request_too_large"}
 
 
@@ -38,16 +42,18 @@ def _reply(status: int, headers: list, body: bytes) -> Response:
     return Response(body, status=status, headers=headers)
 
 
-def create_app(fleet: Fleet, api_key: str | None = None) -> Flask:
+def create_app(fleet: Fleet, api_key: str | None = None, metrics: Metrics | None = None,
+               recorder: Recorder | None = None) -> Flask:
     app = Flask("mlxgate.wrapper")
     app.config["MAX_CONTENT_LENGTH"] = fleet.config.max_body
     app.json.sort_keys = False
 
     @app.before_request
     def small_management_bodies():
-        if not request.path.startswith("/backends/") and (request.content_length or 0) > MANAGEMENT_BODY:
+        limit = RECORDS_BODY if request.path == "/usage/records" else MANAGEMENT_BODY
+        if not request.path.startswith("/backends/") and (request.content_length or 0) > limit:
             return _reply(*error_response(OPENAI, "request_too_large",
-                                          f"a management request body is limited to {MANAGEMENT_BODY} bytes"))
+                                          f"a management request body is limited to {limit} bytes"))
         return None
 
     @app.before_request
@@ -97,7 +103,29 @@ def create_app(fleet: Fleet, api_key: str | None = None) -> Flask:
         data = body() if request.content_length else {}
         return jsonify(fleet.unload(role_of(data)))
 
-    register_relay(app, fleet)
+    register_relay(app, fleet, recorder)
+
+    @app.get("/metrics")
+    def prometheus():
+        body = metrics.exposition() if metrics is not None else b""
+        return Response(body, mimetype="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.post("/usage/records")
+    def records():
+        """Records of requests a proxy program answered itself or handed to LiteLLM."""
+        data = body()
+        if recorder is not None:
+            for item in data.get("records") or ():
+                if isinstance(item, dict):
+                    recorder.add(Record.from_dict(item))
+            recorder.dropped_elsewhere(int(data.get("dropped") or 0))
+        return jsonify({"ok": True})
+
+    @app.get("/status")
+    def status_page_data():
+        """What the status page shows: the servers, and the recorder's recent requests and last hour."""
+        usage = recorder.snapshot() if recorder is not None else {}
+        return jsonify({"servers": fleet.status(), **usage})
 
     @app.errorhandler(MlxgateError)
     def refused(exc: MlxgateError):

@@ -10,6 +10,7 @@ import time
 from ..catalog import Catalog, LocalModel, for_config
 from ..config import Config
 from ..errors import Unavailable
+from . import tokens
 from .admission import Admission
 from .model_server import Launcher, ModelServer
 
@@ -22,7 +23,7 @@ class Fleet:
     """The dynamic and autocomplete servers, and the catalog they load from."""
 
     def __init__(self, config: Config, catalog: Catalog | None = None,
-                 launcher: Launcher | None = None):
+                 launcher: Launcher | None = None, observer=None):
         self.config = config
         self._stopping = threading.Event()
         self.catalog = catalog or for_config(config)
@@ -30,7 +31,7 @@ class Fleet:
         self.servers = {
             role: ModelServer(role, port, launcher, config.load_timeout,
                               admission=Admission(role, config.max_parallel, config.max_queue),
-                              drain_timeout=config.drain_timeout)
+                              drain_timeout=config.drain_timeout, observer=observer)
             for role, port in (("dynamic", config.dynamic_port), ("autocomplete", config.autocomplete_port))
         }
 
@@ -87,6 +88,7 @@ class Fleet:
     def _load_logged(self, name: str, role: str) -> None:
         try:
             self.load(name, role)
+            tokens.counter(self.catalog.resolve(name).path)  # the first request need not load the tokenizer
         except Exception as exc:  # the state shows it; the log says why
             log.error("initial load of %r on the %s server failed: %s", name, role, exc)
 

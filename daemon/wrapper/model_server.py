@@ -80,8 +80,9 @@ class ModelServer:
 
     def __init__(self, role: str, port: int, launcher: Launcher, load_timeout: float,
                  clock: Callable[[], float] = time.monotonic, admission: Admission | None = None,
-                 drain_timeout: float = 120.0):
+                 drain_timeout: float = 120.0, observer=None):
         self.role = role
+        self.observer = observer  # told of loads and restarts (`Metrics`), when given
         self.port = port
         self.launcher = launcher
         self.load_timeout = load_timeout
@@ -165,7 +166,7 @@ class ModelServer:
                         if previous else "")
             try:
                 self._stop_process()
-                self._start(model)
+                self._start(model, switch=previous is not None)
             except ModelLoadFailed as exc:
                 note = None
                 if previous is not None:
@@ -187,6 +188,8 @@ class ModelServer:
         with self._lock:
             model, proc = self._status.model, self._status.process
         log.warning("%s server: restarting %s: %s", self.role, model.name if model else "-", reason)
+        if self.observer is not None:
+            self.observer.restart(self.role)
         self.admission.cancel_active(reason)
         if proc is not None:
             proc.kill()
@@ -233,7 +236,18 @@ class ModelServer:
     def _log_path(self) -> Path:
         return self.launcher.log_dir / f"{self.role}-server.log"
 
-    def _start(self, model: LocalModel) -> None:
+    def _start(self, model: LocalModel, switch: bool = False) -> None:
+        try:
+            seconds = self._launch(model)
+        except ModelLoadFailed:
+            if self.observer is not None:
+                self.observer.load(self.role, None, ok=False, switch=switch)
+            raise
+        if self.observer is not None:
+            self.observer.load(self.role, seconds, ok=True, switch=switch)
+
+    def _launch(self, model: LocalModel) -> float:
+        """Start the process for `model` and wait until it answers; the seconds it took."""
         if port_in_use(self.port):
             self._transition(State.STARTING, model=model, process=None, error=None)
             reason = (f"port {self.port} is already in use by another process; stop it or choose "
@@ -255,8 +269,9 @@ class ModelServer:
             if still_ours:
                 self._transition(State.FAILED, error=str(exc))
             raise
-        self._transition(State.READY, expected=State.STARTING,
-                         load_seconds=round(self.clock() - started, 3))
+        seconds = self.clock() - started
+        self._transition(State.READY, expected=State.STARTING, load_seconds=round(seconds, 3))
+        return seconds
 
     def _stop_process(self) -> None:
         with self._lock:

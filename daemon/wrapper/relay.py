@@ -54,6 +54,8 @@ from . import tokens
 from .admission import Ticket
 from .fleet import Fleet
 from .model_server import ModelServer
+from .recorder import Recorder
+from .tally import Tally
 from .upstream import ClientGone, Upstream
 
 log = logging.getLogger("mlxgate.relay")
@@ -73,20 +75,37 @@ class Job:
     body: dict
     path: str
     client: socket.socket | None
-
-    def release(self) -> None:
-        self.server.admission.release(self.ticket)
-
-
-def error_response(api: str, exc: BaseException) -> Response:
-    status, headers, body = exception_response(api, exc)
-    return Response(body, status=status, headers=headers)
+    tally: Tally
 
 
 class Relay:
-    def __init__(self, fleet: Fleet, store: ResponseStore | None = None):
+    def __init__(self, fleet: Fleet, recorder: Recorder | None = None, store: ResponseStore | None = None):
         self.fleet = fleet
+        self.recorder = recorder
         self.store = store or ResponseStore(fleet.config.home / "responses")
+
+    # ------------------------------------------------------------------ the record of each request
+    def _tally(self, api: str, route: str, role: str) -> Tally:
+        detail = request.get_data(as_text=True)[:20000] if self.fleet.config.detailed_debug else ""
+        tally = Tally(api, route, request.headers, role, detail)
+        tally.record.requested_model = request.headers.get(paths.REQUESTED_HEADER, "")
+        return tally
+
+    def _done(self, tally: Tally) -> None:
+        if self.recorder is not None:
+            self.recorder.add(tally.finish())
+
+    def _refuse(self, tally: Tally, api: str, exc: BaseException) -> Response:
+        """The error answer for `exc`, recorded."""
+        status, headers, body = exception_response(api, exc)
+        tally.failed(exc, status)
+        tally.record.cancelled = isinstance(exc, ClientGone)
+        self._done(tally)
+        return Response(body, status=status, headers=headers)
+
+    def _finish(self, job: Job) -> None:
+        job.server.admission.release(job.ticket)
+        self._done(job.tally)
 
     # ------------------------------------------------------------------ admission
     def _server(self, role: str) -> ModelServer:
@@ -113,9 +132,11 @@ class Relay:
                 chat["max_tokens"] = limit - count
         return count
 
-    def _join(self, server: ModelServer, route: str, model: LocalModel, body: dict, path: str) -> Job:
+    def _join(self, server: ModelServer, route: str, model: LocalModel, body: dict, path: str,
+              tally: Tally) -> Job:
+        tally.record.served_model = model.name
         ticket = server.admission.join(route, model)
-        return Job(server, ticket, body, path, request.environ.get("gunicorn.socket"))
+        return Job(server, ticket, body, path, request.environ.get("gunicorn.socket"), tally)
 
     # ------------------------------------------------------------------ turn and generation
     def _turn(self, job: Job) -> Iterator[None]:
@@ -160,10 +181,14 @@ class Relay:
         process = job.server.process
         if process is None:
             raise BackendError(f"the {job.server.role} model server is not running")
+        job.tally.generation_starts()
         upstream = Upstream(job.server.port, job.path, job.body, process.auth_header, job.client)
         job.ticket.on_cancel(upstream.close)
         try:
-            yield from upstream.events(job.ticket)
+            for chunk in upstream.events(job.ticket):
+                if chunk is not None:
+                    job.tally.chunk(chunk)
+                yield chunk
         except ClientGone:
             log.info("%s: the client went away; its generation is stopped", job.server.role)
             raise
@@ -173,15 +198,19 @@ class Relay:
 
     def _answer(self, api: str, job: Job, build: Callable[[Iterator[dict | None]], dict]) -> Response:
         """A non-streamed answer: wait, generate, build the JSON."""
+        failure = None
         try:
             for _ in self._turn(job):
                 pass
             with contextlib.closing(self._generate(job)) as chunks:
                 answer = build(chunks)
         except MlxgateError as exc:
-            return error_response(api, exc)
+            failure = exc
         finally:
-            job.release()
+            job.server.admission.release(job.ticket)
+        if failure is not None:
+            return self._refuse(job.tally, api, failure)
+        self._done(job.tally)
         return Response(dump(answer), mimetype="application/json")
 
     def _stream(self, api: str, job: Job, produce: Iterator[bytes],
@@ -193,27 +222,33 @@ class Relay:
             try:
                 yield from produce
             except ClientGone:
-                return  # nobody is left to tell
+                job.tally.record.cancelled = True  # nobody is left to tell
             except MlxgateError as exc:
                 kind, _ = kind_of(exc)
+                job.tally.failed(exc)
                 log.warning("%s stream ended with an error: %s", job.server.role, exc)
                 yield (failure or partial(error_event, api))(kind, str(exc))
+            except GeneratorExit:  # the client left while we were sending
+                job.tally.record.cancelled = True
+                raise
             finally:
-                job.release()
+                self._finish(job)
         return Response(stream_with_context(guarded()), mimetype="text/event-stream",
                         headers={"Cache-Control": "no-cache"})
 
     # ------------------------------------------------------------------ Anthropic Messages
     def messages(self, role: str) -> Response:
+        tally = self._tally(ANTHROPIC, "anthropic_messages", role)
         try:
             server = self._server(role)
             body = _json_body()
             chat = to_chat(body)
+            tally.record.stream = chat.stream
             model = self._model(role)
             input_tokens = self._fit_context(model, chat.body, ANTHROPIC)
-            job = self._join(server, "messages", model, chat.body, paths.CHAT)
+            job = self._join(server, "messages", model, chat.body, paths.CHAT, tally)
         except MlxgateError as exc:
-            return error_response(ANTHROPIC, exc)
+            return self._refuse(tally, ANTHROPIC, exc)
         translator = MessageTranslator(str(body.get("model") or model.name), input_tokens, chat.stop_sequences)
         if chat.stream:
             return self._stream(ANTHROPIC, job, self._message_events(job, translator))
@@ -249,31 +284,36 @@ class Relay:
         yield b"".join(sse(n, d) for n, d in translator.finish())
 
     def count_tokens(self, role: str) -> Response:
+        tally = self._tally(ANTHROPIC, "count_tokens", role)
         try:
             self._server(role)
             chat = to_chat({"max_tokens": 1, **_json_body()})
-            count = tokens.count_chat(self._model(role).path, chat.body)
+            model = self._model(role)
+            tally.record.served_model = model.name
+            count = tokens.count_chat(model.path, chat.body)
         except MlxgateError as exc:
-            return error_response(ANTHROPIC, exc)
+            return self._refuse(tally, ANTHROPIC, exc)
+        self._done(tally)
         return Response(json.dumps({"input_tokens": count}), mimetype="application/json")
 
     # ------------------------------------------------------------------ OpenAI
     def openai(self, role: str, kind: str) -> Response:
         chat = kind == "chat"
+        tally = self._tally(OPENAI, "chat_completions" if chat else "completions", role)
         try:
             server = self._server(role)
             body = _json_body()
             (check_chat if chat else check_completion)(body)
-            wants_stream = bool(body.get("stream"))
+            wants_stream = tally.record.stream = bool(body.get("stream"))
             wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             upstream = {k: v for k, v in body.items() if k not in SERVER_SIDE_KEYS}
             upstream.update(stream=True, stream_options={"include_usage": True})
             model = self._model(role)
             if chat:
                 self._fit_context(model, upstream, OPENAI)
-            job = self._join(server, kind, model, upstream, paths.CHAT if chat else paths.COMPLETIONS)
+            job = self._join(server, kind, model, upstream, paths.CHAT if chat else paths.COMPLETIONS, tally)
         except MlxgateError as exc:
-            return error_response(OPENAI, exc)
+            return self._refuse(tally, OPENAI, exc)
         if wants_stream:
             return self._stream(OPENAI, job, self._openai_events(job, wants_usage))
         return self._answer(OPENAI, job, lambda chunks: assemble_chat([c for c in chunks if c is not None], chat))
@@ -296,13 +336,15 @@ class Relay:
         return responses_to_chat(body, earlier), earlier, self._model(role)
 
     def responses(self, role: str) -> Response:
+        tally = self._tally(OPENAI, "responses", role)
         try:
             server = self._server(role)
             translated, earlier, model = self._responses_request(role, _json_body())
+            tally.record.stream = translated.stream
             input_tokens = self._fit_context(model, translated.chat, RESPONSES)
-            job = self._join(server, "responses", model, translated.chat, paths.CHAT)
+            job = self._join(server, "responses", model, translated.chat, paths.CHAT, tally)
         except MlxgateError as exc:
-            return error_response(RESPONSES, exc)
+            return self._refuse(tally, RESPONSES, exc)
         response = response_object(translated)
         response["model"] = response["model"] or model.name
         translator = response_events.ResponseTranslator(response, translated.tools, translated.max_calls,
@@ -345,12 +387,15 @@ class Relay:
         yield response_events.encode(last)
 
     def response_input_tokens(self, role: str) -> Response:
+        tally = self._tally(OPENAI, "responses_input_tokens", role)
         try:
             self._server(role)
             translated, _, model = self._responses_request(role, _json_body())
+            tally.record.served_model = model.name
             count = tokens.count_chat(model.path, translated.chat)
         except MlxgateError as exc:
-            return error_response(OPENAI, exc)
+            return self._refuse(tally, OPENAI, exc)
+        self._done(tally)
         return Response(json.dumps({"object": "response.input_tokens", "input_tokens": count}),
                         mimetype="application/json")
 
@@ -401,8 +446,8 @@ def _json_body() -> dict:
         raise RequestRejected(400, str(exc), "invalid_request") from None
 
 
-def register(app: Flask, fleet: Fleet) -> Relay:
-    relay = Relay(fleet)
+def register(app: Flask, fleet: Fleet, recorder: Recorder | None = None) -> Relay:
+    relay = Relay(fleet, recorder)
     app.add_url_rule(paths.relay_path("<role>", paths.MESSAGES), "messages", relay.messages, methods=["POST"])
     app.add_url_rule(paths.relay_path("<role>", paths.COUNT_TOKENS), "count_tokens", relay.count_tokens,
                      methods=["POST"])

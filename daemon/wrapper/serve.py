@@ -13,8 +13,11 @@ import logging
 from gunicorn.app.base import BaseApplication
 
 from ..config import Config
+from ..ledger import Ledger
 from .app import create_app
 from .fleet import Fleet
+from .metrics import Metrics
+from .recorder import Recorder
 
 SPARE_THREADS = 16
 
@@ -27,6 +30,7 @@ class WrapperApplication(BaseApplication):
     def __init__(self, config: Config):
         self.config = config
         self.fleet: Fleet | None = None
+        self.recorder: Recorder | None = None
         super().__init__()
 
     def load_config(self) -> None:
@@ -48,12 +52,18 @@ class WrapperApplication(BaseApplication):
     def load(self):
         logging.basicConfig(level=logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        self.fleet = Fleet(self.config)
+        metrics = Metrics()
+        self.fleet = Fleet(self.config, observer=metrics)
+        metrics.watch(self.fleet)
+        if self.config.record_usage:
+            self.recorder = Recorder(Ledger.for_config(self.config), metrics)
         self.fleet.start_configured()
         self.fleet.start_watchdog()
-        return create_app(self.fleet, self.config.api_key)
+        return create_app(self.fleet, self.config.api_key, metrics, self.recorder)
 
     def _worker_exit(self, server, worker) -> None:
+        if self.recorder is not None:
+            self.recorder.close()  # what was answered is written before the worker goes
         if self.fleet is not None:
             self.fleet.shutdown()
 

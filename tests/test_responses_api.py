@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from mlxgate.demo_model import PLAIN_ANSWER, THINKING, TOOL_ANSWER
-from support import gpt, sse_events
+from support import gpt, sse_events, wait_for
 
 WEATHER = {"type": "function", "name": "get_weather", "description": "Current weather in a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
@@ -72,6 +72,13 @@ def test_a_response_with_the_openai_sdk(agent_gateway):
     assert usage.total_tokens == usage.input_tokens + usage.output_tokens
     assert usage.output_tokens_details.reasoning_tokens == 0
     assert 0 <= usage.input_tokens_details.cached_tokens <= usage.input_tokens
+
+    def counted() -> bool:  # recorded like every request, under its own route
+        metrics = httpx.get(agent_gateway.url + "/metrics", timeout=30,
+                            headers={"Authorization": f"Bearer {agent_gateway.api_key}"}).text
+        return any(line.startswith("mlxgate_requests_total{") and 'route="responses"' in line
+                   for line in metrics.splitlines())
+    wait_for(counted, 10, what="the response in the metrics")
 
 
 def test_a_stream_has_the_responses_event_grammar(agent_gateway):

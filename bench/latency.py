@@ -33,6 +33,8 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=50, help="requests per case and path")
     parser.add_argument("--model", help="model folder (default: a tiny generated model)")
     parser.add_argument("--no-litellm", action="store_true", help="leave the stock LiteLLM column out")
+    parser.add_argument("--without-recording", action="store_true",
+                        help="add a second mlxgate with record_usage off: what metrics and the ledger cost")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="mlxgate-bench-"))
@@ -41,6 +43,8 @@ def main() -> int:
     direct = Direct(model)
     stock = None if args.no_litellm else StockLiteLLM(work, direct)
     gateway = Gateway(work, [model.parent], "--default-model", model.name)
+    bare = Gateway(work / "bare", [model.parent], "--default-model", model.name,
+                   MLXGATE_RECORD_USAGE="false") if args.without_recording else None
     try:
         chat = {"messages": PROMPT, "max_tokens": 1}
         responses = {"model": "gpt-5.5", "input": PROMPT, "max_output_tokens": 1}
@@ -60,6 +64,8 @@ def main() -> int:
         paths = [("direct", direct.url, None, 0), ("mlxgate", gateway.url, gateway.key, 1)]
         if stock:
             paths.insert(1, ("litellm", stock.url, stock.key, 1))
+        if bare:
+            paths.append(("unrecorded", bare.url, bare.key, 1))
         session = requests.Session()
 
         def one(path, case) -> float:
@@ -85,19 +91,23 @@ def main() -> int:
         print(f"\n{args.requests} sequential requests per path, max_tokens 1, model {model.name}; streams timed "
               f"to the first content delta; medians (p95 for mlxgate)\n")
         litellm = " | stock LiteLLM p50 ms | LiteLLM added" if stock else ""
-        print(f"| case | direct p50 ms{litellm} | mlxgate p50 ms | mlxgate p95 ms | mlxgate added | ratio |")
-        print("|---|---:|" + ("---:|---:|" if stock else "") + "---:|---:|---:|---:|")
+        unrecorded = " | mlxgate unrecorded p50 ms | recording costs" if bare else ""
+        print(f"| case | direct p50 ms{litellm} | mlxgate p50 ms | mlxgate p95 ms | mlxgate added | ratio{unrecorded} |")
+        print("|---|---:|" + ("---:|---:|" if stock else "") + "---:|---:|---:|---:|" + ("---:|---:|" if bare else ""))
         for name, ms in rows:
             d50, g50 = median(ms["direct"]), median(ms["mlxgate"])
             lite = ""
             if stock:
                 lite = (f" | {median(ms['litellm']):.1f} | {median(ms['litellm']) - d50:+.1f}" if ms.get("litellm")
                         else " | n/a | n/a")
+            plain = f" | {median(ms['unrecorded']):.1f} | {g50 - median(ms['unrecorded']):+.2f}" if bare else ""
             print(f"| {name} | {d50:.1f}{lite} | {g50:.1f} | {percentile(ms['mlxgate'], 0.95):.1f} | "
-                  f"{g50 - d50:+.1f} | {g50 / d50:.2f}x |")
+                  f"{g50 - d50:+.1f} | {g50 / d50:.2f}x{plain} |")
         print(f"\nmlxgate start to all-healthy: {gateway.start_seconds:.1f} s")
     finally:
         gateway.stop()
+        if bare:
+            bare.stop()
         if stock:
             stock.stop()
         direct.stop()

@@ -61,9 +61,14 @@ def ledger_rows(postgres, since: float) -> list[dict]:
 
 
 def settled(postgres, since: float, count: int) -> list[dict]:
-    """The ledger's rows since `since`, once there are `count` (writes are batched)."""
+    """The ledger's rows since `since`, once there are `count` (writes are batched, every half second)."""
     return wait_for(lambda: len(rows := ledger_rows(postgres, since)) >= count and rows, 15,
                     what=f"{count} rows in the ledger")
+
+
+def test_the_ledger_table_is_there_from_the_start(watched, postgres):
+    wait_for(lambda: postgres.query("SELECT to_regclass('requests')")[0][0] == "requests", 15,
+             what="the requests table")
 
 
 def metric_families(text: str) -> set[str]:

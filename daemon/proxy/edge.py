@@ -20,7 +20,7 @@ import logging
 import time
 import urllib.parse
 
-from ..api_errors import ANTHROPIC, OPENAI, error_response, exception_response, is_anthropic_path, kind_of
+from ..api_errors import ANTHROPIC, OPENAI, error_response, exception_response, is_anthropic_path, kind_for_status, kind_of
 from ..config import Config
 from ..errors import MlxgateError
 from ..hookspecs import LITELLM
@@ -102,6 +102,8 @@ class Edge:
         finally:
             if mine:  # the relay records what it answered; the rest is recorded here
                 record.status, record.total_ms = tracked.status, (time.perf_counter() - started) * 1000
+                if record.status >= 400 and not record.error:
+                    record.error = kind_for_status(record.status)
                 tracked.usage.fill(record)
                 self.records.add(record)
         return None

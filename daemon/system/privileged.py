@@ -57,18 +57,25 @@ class HostsEntry(Step):
         return any(hosts.MARK in line for line in hosts.lines(Path(self.spec["file"])))
 
 
-class NftForward(Step):
-    """nftables rules now, and a system unit that loads them at boot where systemd is."""
-
-    kind = "nft"
+class _Forwarding(Step):
+    """A step that forwards loopback ports (`spec["forwards"]`: pairs of from, to)."""
 
     @property
     def rules(self) -> list[forwarding.Forward]:
         return [tuple(f) for f in self.spec["forwards"]]
 
+    @property
+    def ports(self) -> str:
+        return ", ".join(f"{a} -> {b}" for a, b in self.rules)
+
+
+class NftForward(_Forwarding):
+    """nftables rules now, and a system unit that loads them at boot where systemd is."""
+
+    kind = "nft"
+
     def describe(self) -> str:
-        ports = ", ".join(f"{a} -> {b}" for a, b in self.rules)
-        return (f"forward loopback ports {ports} with nftables (table ip mlxgate; rules in "
+        return (f"forward loopback ports {self.ports} with nftables (table ip mlxgate; rules in "
                 f"{forwarding.NFT_FILE}, loaded at boot by {forwarding.NFT_UNIT.name})")
 
     def apply(self) -> bool:
@@ -99,18 +106,13 @@ class NftForward(Step):
         return forwarding.NFT_FILE.exists() or forwarding.NFT_UNIT.exists()
 
 
-class PfForward(Step):
+class PfForward(_Forwarding):
     """A pf anchor, loaded now and at boot by a LaunchDaemon."""
 
     kind = "pf"
 
-    @property
-    def rules(self) -> list[forwarding.Forward]:
-        return [tuple(f) for f in self.spec["forwards"]]
-
     def describe(self) -> str:
-        ports = ", ".join(f"{a} -> {b}" for a, b in self.rules)
-        return (f"forward loopback ports {ports} with pf (anchor {forwarding.ANCHOR} from "
+        return (f"forward loopback ports {self.ports} with pf (anchor {forwarding.ANCHOR} from "
                 f"{forwarding.ANCHOR_FILE}, loaded at boot by {forwarding.PF_PLIST})")
 
     def apply(self) -> bool:

@@ -52,6 +52,9 @@ class Metrics:
                                    ["server"], buckets=LATENCY_BUCKETS, registry=r)
         self.switches = Counter("mlxgate_model_switches", "Loads that replaced another model", ["server"],
                                 registry=r)
+        self.switch_time = Histogram("mlxgate_model_switch_duration_seconds", "Time a switch took: waiting for "
+                                     "the running requests (drain), then the load", ["server"],
+                                     buckets=LATENCY_BUCKETS, registry=r)
         self.restarts = Counter("mlxgate_watchdog_restarts", "Model servers the watchdog replaced", ["server"],
                                 registry=r)
         self.dropped = Counter("mlxgate_usage_records_dropped", "Request records lost before the ledger (a full "
@@ -91,6 +94,9 @@ class Metrics:
             self.load_time.labels(server).observe(seconds)
         if switch and ok:
             self.switches.labels(server).inc()
+
+    def switched(self, server: str, seconds: float) -> None:
+        self.switch_time.labels(server).observe(seconds)
 
     def restart(self, server: str) -> None:
         self.restarts.labels(server).inc()

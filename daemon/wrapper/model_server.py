@@ -161,12 +161,15 @@ class ModelServer:
             except (ValueError, OSError) as exc:
                 kept = f"{previous.name!r} is still serving" if previous else None
                 raise ModelLoadFailed(self._failure(model, str(exc), kept)) from None
+            switching = self.clock()
             self._drain(f"the {self.role} server switched from {previous.name!r} to {model.name!r} "
                         f"after waiting {self.drain_timeout:g} s (drain_timeout) for this request"
                         if previous else "")
             try:
                 self._stop_process()
                 self._start(model, switch=previous is not None)
+                if previous is not None and self.observer is not None:
+                    self.observer.switched(self.role, self.clock() - switching)
             except ModelLoadFailed as exc:
                 note = None
                 if previous is not None:

@@ -94,6 +94,11 @@ class Recorder:
         return batch
 
     def _write_loop(self) -> None:
+        try:
+            self.ledger.connect()  # the table exists from the start, before the first batch
+        except Exception as exc:
+            self._warned = self.clock()
+            log.warning("usage ledger at %s cannot be opened yet: %s", self.ledger.where, exc)
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._closing or len(self._pending) >= BATCH, INTERVAL)

@@ -5,8 +5,11 @@ Starts, in one run and on the same tiny model (unless --model is given): a direc
 (`mlxgate start`). Then sends N sequential one-token requests of each kind to each, the
 three paths interleaved (in rotating order) so machine noise hits them alike. Non-streamed
 requests are timed to the whole answer; streamed ones to the first content delta (not to
-`message_start`, which goes out before the model answers). The Anthropic rows compare
-against the direct OpenAI chat call: the same generation, without the translation.
+`message_start` or `response.created`, which go out before the model answers). The Anthropic
+and Responses rows compare against the direct OpenAI chat call: the same generation, without
+the translation. Responses are stored (`store` is true by default), as a client that does not
+say gets them. The stock LiteLLM proxy has no Responses row: it forwards `/v1/responses` to
+the backend's own, which `mlx_lm.server` does not have.
 
     .venv/bin/python bench/latency.py --requests 50
 """
@@ -44,6 +47,7 @@ def main() -> int:
                    MLXGATE_RECORD_USAGE="false") if args.without_recording else None
     try:
         chat = {"messages": PROMPT, "max_tokens": 1}
+        responses = {"model": "gpt-5.5", "input": PROMPT, "max_output_tokens": 1}
         cases = [  # name, direct (path, body), gateway (path, body), stream
             ("openai chat", ("/v1/chat/completions", chat), ("/v1/chat/completions", {"model": "gpt-4o", **chat}),
              False),
@@ -53,6 +57,9 @@ def main() -> int:
              ("/v1/messages", {"model": "claude-opus-4-8", **chat}), False),
             ("anthropic messages stream", ("/v1/chat/completions", {**chat, "stream": True}),
              ("/v1/messages", {"model": "claude-opus-4-8", **chat, "stream": True}), True),
+            ("openai responses", ("/v1/chat/completions", chat), ("/v1/responses", responses), False),
+            ("openai responses stream", ("/v1/chat/completions", {**chat, "stream": True}),
+             ("/v1/responses", {**responses, "stream": True}), True),
         ]
         paths = [("direct", direct.url, None, 0), ("mlxgate", gateway.url, gateway.key, 1)]
         if stock:
@@ -66,15 +73,19 @@ def main() -> int:
             api_path, body = case[1 + through]
             return timed(session, url + api_path, body, key, case[3])
 
+        def paths_for(case) -> list:
+            return [p for p in paths if p[0] != "litellm" or case[2][0] != "/v1/responses"]
+
         for _ in range(3):  # warm every path: model loaded, prompt cache, connections
             for case in cases:
-                for path in paths:
+                for path in paths_for(case):
                     one(path, case)
         rows = []
         for case in cases:
-            ms = {name: [] for name, *_ in paths}
+            ms = {name: [] for name, *_ in paths_for(case)}
             for i in range(args.requests):
-                for path in paths[i % len(paths):] + paths[:i % len(paths)]:
+                those = paths_for(case)
+                for path in those[i % len(those):] + those[:i % len(those)]:
                     ms[path[0]].append(one(path, case))
             rows.append((case[0], ms))
         print(f"\n{args.requests} sequential requests per path, max_tokens 1, model {model.name}; streams timed "
@@ -85,7 +96,10 @@ def main() -> int:
         print("|---|---:|" + ("---:|---:|" if stock else "") + "---:|---:|---:|---:|" + ("---:|---:|" if bare else ""))
         for name, ms in rows:
             d50, g50 = median(ms["direct"]), median(ms["mlxgate"])
-            lite = f" | {median(ms['litellm']):.1f} | {median(ms['litellm']) - d50:+.1f}" if stock else ""
+            lite = ""
+            if stock:
+                lite = (f" | {median(ms['litellm']):.1f} | {median(ms['litellm']) - d50:+.1f}" if ms.get("litellm")
+                        else " | n/a | n/a")
             plain = f" | {median(ms['unrecorded']):.1f} | {g50 - median(ms['unrecorded']):+.2f}" if bare else ""
             print(f"| {name} | {d50:.1f}{lite} | {g50:.1f} | {percentile(ms['mlxgate'], 0.95):.1f} | "
                   f"{g50 - d50:+.1f} | {g50 / d50:.2f}x{plain} |")

@@ -160,8 +160,9 @@ def headers(key: str | None) -> dict:
 
 
 def first_delta(line: bytes) -> bool:
-    """Whether a stream line carries content (OpenAI `delta.content`, Anthropic `content_block_delta`)."""
-    if line.startswith(b"data:") and b'"content_block_delta"' in line:
+    """Whether a stream line carries content (OpenAI `delta.content`, Anthropic `content_block_delta`,
+    Responses `response.output_text.delta`)."""
+    if line.startswith(b"data:") and (b'"content_block_delta"' in line or b'"response.output_text.delta"' in line):
         return True
     if line.startswith(b"data:") and b'"delta"' in line and b'"choices"' in line:
         try:

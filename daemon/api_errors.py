@@ -1,10 +1,10 @@
 """The one table from our error kinds to an HTTP status and each API's error shape.
 
 Anthropic clients get ``{"type": "error", "error": {"type", "message"}}``; OpenAI clients
-``{"error": {"message", "type", "param", "code"}}``. Both official SDKs retry 408, 409,
-429 and every 5xx unless the answer says ``x-should-retry: false``; a kind whose retry
-cannot help says so. A stream that has already answered 200 ends with the same error as
-an event instead (`error_event`).
+(chat, completions and the Responses API) ``{"error": {"message", "type", "param", "code"}}``.
+Both official SDKs retry 408, 409, 429 and every 5xx unless the answer says
+``x-should-retry: false``; a kind whose retry cannot help says so. A stream that has
+already answered 200 ends with the same error as an event instead (`error_event`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from .errors import MlxgateError, RequestRejected
 
 ANTHROPIC = "anthropic"
 OPENAI = "openai"
+RESPONSES = "responses"  # OpenAI's error shape; a stream's error is the Responses API's `error` event
 
 
 @dataclass(frozen=True)
@@ -31,9 +32,12 @@ class Kind:
 
 KINDS: dict[str, Kind] = {
     "invalid_request": Kind(400, "invalid_request_error", "invalid_request_error"),
+    "context_length_exceeded": Kind(400, "invalid_request_error", "invalid_request_error",
+                                    "context_length_exceeded"),
     "authentication": Kind(401, "authentication_error", "authentication_error", "invalid_api_key"),
     "permission": Kind(403, "permission_error", "permission_error"),
     "not_found": Kind(404, "not_found_error", "invalid_request_error", "model_not_found"),
+    "response_not_found": Kind(404, "not_found_error", "invalid_request_error"),
     "request_too_large": Kind(413, "request_too_large", "invalid_request_error", "request_too_large"),
     "rate_limit": Kind(429, "rate_limit_error", "rate_limit_error", retry_after=True),
     "overloaded": Kind(529, "overloaded_error", "server_error", "overloaded", openai_status=503,
@@ -96,7 +100,13 @@ def exception_response(api: str, exc: BaseException) -> tuple[int, list[tuple[st
 
 
 def error_event(api: str, kind: str, message: str) -> bytes:
-    """The error as the last event of a stream that has already started."""
+    """The error as the last event of a stream that has already started (a Responses
+    stream whose translator is at hand ends with its `response.failed` instead)."""
+    if api == RESPONSES:
+        spec = KINDS.get(kind, KINDS["api_error"])
+        event = {"type": "error", "code": spec.openai_code or spec.openai_type, "message": message,
+                 "param": None, "sequence_number": 0}
+        return b"event: error\ndata: " + json.dumps(event).encode() + b"\n\n"
     body = error_body(api, kind, message)
     if api == ANTHROPIC:
         return b"event: error\ndata: " + body + b"\n\n"

@@ -44,6 +44,14 @@ def _openai(base_url: str, key: str, prompt: str, max_tokens: int, http_client) 
     chunks = list(client.chat.completions.create(model="gpt-4o", max_tokens=max_tokens, stream=True,
                                                  messages=[{"role": "user", "content": prompt}]))
     lines.append(f"chat.completions stream: {time.monotonic() - started:.2f} s, {len(chunks)} chunks")
+    started = time.monotonic()
+    response = client.responses.create(model="gpt-5.5", max_output_tokens=max_tokens, input=prompt, store=False)
+    lines.append(f"responses.create: {time.monotonic() - started:.2f} s, status={response.status}, "
+                 f"usage={response.usage.input_tokens}/{response.usage.output_tokens}: {response.output_text[:80]!r}")
+    started = time.monotonic()
+    with client.responses.stream(model="gpt-5.5", max_output_tokens=max_tokens, input=prompt, store=False) as stream:
+        last = list(stream)[-1]
+    lines.append(f"responses.stream: {time.monotonic() - started:.2f} s, {last.type}")
     return lines
 
 

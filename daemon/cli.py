@@ -276,12 +276,16 @@ def logs(program: tuple[str, ...], lines: int, follow: bool) -> int:
 
 @cli.command()
 @click.option("--https", is_flag=True, help="use the HTTPS listener")
-def env(https: bool) -> int:
-    """print export lines for Anthropic and OpenAI clients (and Claude Code)"""
+@click.option("--codex", is_flag=True, help="print Codex CLI's provider config (TOML) instead")
+def env(https: bool, codex: bool) -> int:
+    """print export lines for Anthropic and OpenAI clients (and Claude Code), or Codex CLI's config"""
     config = _config()
     if not config.api_key:
         raise MlxgateError("no API key yet: run `mlxgate start` (or ./install.sh) to make one")
     base = config.https_url if https else config.http_url
+    if codex:
+        print(_codex_config(config, base))
+        return 0
     print(f"export ANTHROPIC_BASE_URL={base}")
     print(f"export ANTHROPIC_API_KEY={config.api_key}")
     print(f"export OPENAI_BASE_URL={base}/v1")
@@ -321,6 +325,23 @@ def _context_window(config: Config) -> int | None:
         return context_length(for_config(config).resolve(config.default_model).path)
     except MlxgateError:
         return None
+
+
+def _codex_config(config: Config, base: str) -> str:
+    """Codex CLI's provider config for this gateway; the window is the default model's, when known,
+    so Codex compacts its conversation before the gateway would refuse it."""
+    window = _context_window(config)
+    lines = ["# Codex CLI: add to ~/.codex/config.toml (or pass each setting with -c), and run codex with",
+             f"# MLXGATE_API_KEY={config.api_key} in its environment"
+             + (f" and CODEX_CA_CERTIFICATE={config.ssl_path / 'ca.pem'} (the local authority)."
+                if base.startswith("https:") else "."),
+             'model = "gpt-5.5"  # gpt-* names are answered by the default model; or name a local model',
+             'model_provider = "mlxgate"']
+    if window:
+        lines.append(f"model_context_window = {window}")
+    lines += ["", "[model_providers.mlxgate]", 'name = "mlxgate"', f'base_url = "{base}/v1"',
+              'env_key = "MLXGATE_API_KEY"', 'wire_api = "responses"']
+    return "\n".join(lines)
 
 
 @cli.command()

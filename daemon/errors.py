@@ -68,8 +68,8 @@ class RequestRejected(MlxgateError):
     """A hook (or a request check) refuses a request: the client gets `status` and the message.
 
     `kind` is one of the kinds in `mlxgate.api_errors.KINDS`: invalid_request,
-    authentication, permission, not_found, request_too_large, rate_limit, overloaded,
-    unavailable, model_load_failed, api_error.
+    context_length_exceeded, authentication, permission, not_found, response_not_found,
+    request_too_large, rate_limit, overloaded, unavailable, model_load_failed, api_error.
     """
 
     def __init__(self, status: int, message: str, kind: str = "invalid_request"):

@@ -56,7 +56,8 @@ class Target:
 class CallContext:
     """One request on its way to a model. Hooks read it and may change `data`."""
 
-    route: str                 # "anthropic_messages", "count_tokens", "chat_completions", "completions"
+    route: str                 # "anthropic_messages", "count_tokens", "chat_completions", "completions",
+                               # "responses", "responses_input_tokens"
     requested_model: str       # the model name exactly as the client sent it ("" when it sent none)
     data: dict[str, Any]       # the request body as the client sent it; changes here reach the model
     config: "Config"

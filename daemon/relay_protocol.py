@@ -15,6 +15,11 @@ MESSAGES = "/v1/messages"
 COUNT_TOKENS = "/v1/messages/count_tokens"
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
+RESPONSES = "/v1/responses"
+RESPONSE_INPUT_TOKENS = "/v1/responses/input_tokens"
+
+# Stored responses (GET, DELETE) are the wrapper's, whichever server answered them.
+STORED_RESPONSES = "/responses"
 
 
 def relay_path(server: str, api_path: str) -> str:

@@ -21,15 +21,15 @@ os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory) -> Path:
     """tiny-a (2 layers), org/tiny-b (3 layers), tiny-c (other seed, a 128K window: long answers),
-    the deterministic `scripted`
-    model, plus two broken folders."""
+    the deterministic `scripted` model (a 64K window), plus two broken folders."""
     models = tmp_path_factory.mktemp("models")
     env = dict(os.environ)
     mlxgate("demo-model", str(models / "tiny-a"), "--seed", "0", env=env, check=True)
     mlxgate("demo-model", str(models / "org" / "tiny-b"), "--seed", "1", "--layers", "3", env=env,
             check=True)
     mlxgate("demo-model", str(models / "tiny-c"), "--seed", "2", "--context", "131072", env=env, check=True)
-    mlxgate("demo-model", str(models / "scripted"), "--scripted", "--context", "32768", env=env, check=True)
+    # a window for Codex CLI's first prompt: ~27,000 tokens for this tiny tokenizer (about 10,000 for a real one)
+    mlxgate("demo-model", str(models / "scripted"), "--scripted", "--context", "65536", env=env, check=True)
     make_broken_models(models, models / "tiny-a")
     return models
 

@@ -230,6 +230,25 @@ class Gateway:
                 if info["pid"]}
 
 
+def sse_events(url: str, body: dict, headers: dict) -> list[tuple[str, dict]]:
+    """(event, data) pairs of a streamed answer exactly as they came over the wire; each data's
+    `type` must name its event."""
+    import httpx
+
+    events = []
+    with httpx.stream("POST", url, json={**body, "stream": True}, timeout=60, headers=headers) as response:
+        assert response.status_code == 200, response.read()
+        name = None
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                data = json.loads(line[6:])
+                assert data["type"] == name
+                events.append((name, data))
+    return events
+
+
 def claude(gateway, https: bool = False, **options) -> anthropic.Anthropic:
     """The official Anthropic SDK pointed at a gateway (HTTPS trusts only the local authority)."""
     if https:

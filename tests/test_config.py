@@ -257,3 +257,14 @@ def test_every_imported_library_is_declared_in_pyproject(folders, extras):
         assert candidates, f"{where} imports {module}, which no installed distribution provides"
         assert candidates & declared, (f"{where} imports {module} (from {', '.join(sorted(candidates))}), "
                                        f"which pyproject.toml does not declare")
+
+
+def test_every_folder_of_the_package_is_in_pyproject():
+    """An installed (not editable) mlxgate holds only the packages pyproject lists."""
+    import tomllib
+
+    listed = set(tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {"mlxgate" + ("." + ".".join(f.relative_to(PROJECT_ROOT / "daemon").parts) if f != PROJECT_ROOT / "daemon"
+               else "") for f in [PROJECT_ROOT / "daemon", *(PROJECT_ROOT / "daemon").rglob("*")]
+               if f.is_dir() and any(f.glob("*.py"))}
+    assert folders == listed, folders ^ listed

@@ -245,7 +245,7 @@ def test_check_command_passes_against_the_running_gateway(gateway):
     for extra in ((), ("--https",)):
         result = mlxgate("check", "--max-tokens", "4", *extra, env=gateway.env, timeout=300)
         assert result.returncode == 0, result.stdout + result.stderr
-        assert result.stdout.count("  ok   ") == 4 and "FAIL" not in result.stdout
+        assert result.stdout.count("  ok   ") == 6 and "FAIL" not in result.stdout
     assert f"https://localhost:{gateway.https_port}" in result.stdout
 
 

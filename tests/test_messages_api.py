@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from mlxgate.demo_model import PLAIN_ANSWER, THINKING, TOOL_ANSWER
-from support import claude, gpt
+from support import claude, gpt, sse_events
 
 WEATHER_TOOL = {"name": "get_weather", "description": "Current weather in a city",
                 "input_schema": {"type": "object", "properties": {"city": {"type": "string"}},
@@ -34,19 +34,8 @@ def tool_turn(result_content, is_error: bool = False) -> list[dict]:
 
 def raw_stream(gateway, body: dict, path: str = "/v1/messages?beta=true", **headers) -> list[tuple[str, dict]]:
     """(event, data) pairs exactly as they came over the wire."""
-    events = []
-    with httpx.stream("POST", gateway.url + path, json={**body, "stream": True}, timeout=60,
-                      headers={"x-api-key": gateway.api_key, "anthropic-version": "2023-06-01", **headers}) as r:
-        assert r.status_code == 200, r.read()
-        name = None
-        for line in r.iter_lines():
-            if line.startswith("event: "):
-                name = line[7:]
-            elif line.startswith("data: "):
-                data = json.loads(line[6:])
-                assert data["type"] == name
-                events.append((name, data))
-    return events
+    return sse_events(gateway.url + path, body,
+                      {"x-api-key": gateway.api_key, "anthropic-version": "2023-06-01", **headers})
 
 
 def check_grammar(events: list[tuple[str, dict]]) -> list[str]:

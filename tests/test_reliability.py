@@ -100,11 +100,17 @@ def read_error(response) -> str:
 
 # ---------------------------------------------------------------- cancellation
 @pytest.mark.parametrize("api, https", [("anthropic", False), ("anthropic", True), ("openai", False),
-                                        ("openai", True)])
+                                        ("openai", True), ("responses", False)])
 def test_an_abandoned_stream_stops_its_generation(gw, api, https):
     if api == "anthropic":
         client, response = open_anthropic_stream(gw, https)
         read_until(response, "text_delta")
+    elif api == "responses":
+        client = httpx.Client(timeout=60)
+        response = client.send(client.build_request(
+            "POST", gw.url + "/v1/responses", headers={"Authorization": f"Bearer {gw.api_key}"},
+            json={"model": "gpt-5.5", "max_output_tokens": LONG, "stream": True, "input": PROMPT}), stream=True)
+        read_until(response, "response.output_text.delta")
     else:
         verify = ssl.create_default_context(cafile=str(gw.ca)) if https else True
         client = httpx.Client(verify=verify, timeout=60)
@@ -121,11 +127,13 @@ def test_an_abandoned_stream_stops_its_generation(gw, api, https):
     assert_next_request_is_answered(gw)
 
 
-@pytest.mark.parametrize("api", ["anthropic", "openai"])
+@pytest.mark.parametrize("api", ["anthropic", "openai", "responses"])
 def test_a_request_abandoned_by_client_timeout_stops_its_generation(gw, api):
     with pytest.raises((anthropic.APITimeoutError, openai.APITimeoutError)):
         if api == "anthropic":
             claude(gw, timeout=2).messages.create(model="claude-opus-4-8", max_tokens=LONG, messages=PROMPT)
+        elif api == "responses":
+            gpt(gw, timeout=2).responses.create(model="gpt-5.5", max_output_tokens=LONG, input=PROMPT)
         else:
             gpt(gw, timeout=2).chat.completions.create(model="gpt-4o", max_tokens=LONG, messages=PROMPT)
     assert_goes_idle(gw)

@@ -108,7 +108,11 @@ def test_a_local_request_runs_each_hook_once(gw):
             ("chat_completions", "gpt-4o",
              lambda: gpt(gw).chat.completions.create(model="gpt-4o", max_tokens=3, messages=PROMPT)),
             ("count_tokens", "claude-opus-4-8",
-             lambda: claude(gw).messages.count_tokens(model="claude-opus-4-8", messages=PROMPT))):
+             lambda: claude(gw).messages.count_tokens(model="claude-opus-4-8", messages=PROMPT)),
+            ("responses", "gpt-5.5",
+             lambda: gpt(gw).responses.create(model="gpt-5.5", max_output_tokens=3, input=PROMPT)),
+            ("responses_input_tokens", "gpt-5.5",
+             lambda: gpt(gw).responses.input_tokens.count(model="gpt-5.5", input=PROMPT))):
         before = len(hook_calls(gw))
         ask()
         assert hook_calls(gw, before) == once(route, model)
@@ -127,6 +131,12 @@ def test_a_litellm_deployment_answers_through_litellm_and_the_hooks_run_once(gw,
     assert answer.usage.completion_tokens == 3
     assert hook_calls(gw, before) == once("chat_completions", "remote-gpt")
     assert served(upstream) == answered + 2
+
+    before = len(hook_calls(gw))
+    response = gpt(gw).responses.create(model="remote-gpt", max_output_tokens=16, input=PROMPT)  # OpenAI's least
+    assert response.usage.output_tokens == 16 and response.output_text
+    assert hook_calls(gw, before) == once("responses", "remote-gpt")
+    assert served(upstream) == answered + 3, "LiteLLM spoke the Responses API to the other mlxgate"
 
     chunks = list(gpt(gw).chat.completions.create(model="remote-gpt", max_tokens=3, messages=PROMPT, stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)

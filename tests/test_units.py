@@ -153,6 +153,13 @@ def test_token_cap_lowers_and_sets():
         ctx = CallContext("chat_completions", "x", dict(data), config)
         pm.hook.mlxgate_pre_call(ctx=ctx)
         assert ctx.data == expected
+    for route, data, expected in (("responses", {}, {"max_output_tokens": 100}),
+                                  ("responses", {"max_output_tokens": 5000}, {"max_output_tokens": 100}),
+                                  ("responses_input_tokens", {}, {}), ("count_tokens", {}, {}),
+                                  ("anthropic_messages", {}, {})):  # required there: the check refuses it
+        ctx = CallContext(route, "x", dict(data), config)
+        pm.hook.mlxgate_pre_call(ctx=ctx)
+        assert ctx.data == expected, route
 
 
 # ---------------------------------------------------------------- generated config and environment

@@ -7,6 +7,27 @@ generating when its reader goes away (see `wrapper/relay.py`).
 
 from __future__ import annotations
 
+from typing import Callable
+
+
+def translate_chunk(chunk: dict, handlers: dict[str, Callable[[object], list]],
+                    stopped: Callable[[], bool] = lambda: False) -> tuple[list, str | None]:
+    """What the `handlers` ("reasoning", "content", "tool_call") make of what one chat chunk
+    carries, in order, and its finish_reason; the rest is dropped once `stopped()`."""
+    events: list = []
+    finish = None
+    for choice in chunk.get("choices") or []:
+        delta = choice.get("delta") or choice.get("message") or {}
+        parts = [("reasoning", delta.get("reasoning")), ("content", delta.get("content")),
+                 *(("tool_call", call) for call in delta.get("tool_calls") or [])]
+        for kind, value in parts:
+            if value:
+                events += handlers[kind](value)
+                if stopped():
+                    return events, finish
+        finish = choice.get("finish_reason") or finish
+    return events, finish
+
 
 def assemble_chat(chunks: list[dict], chat: bool = True) -> dict:
     """Join chat (`chat.completion.chunk`) or text (`text_completion`) chunks into one answer."""

@@ -23,6 +23,8 @@ import uuid
 
 import orjson
 
+from .chat import translate_chunk
+
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 SIGNATURE = "bWx4Z2F0ZS1sb2NhbA=="  # thinking blocks carry a signature; ours marks them as local
 
@@ -138,25 +140,15 @@ class MessageTranslator:
         """Events for one chat chunk (nothing once a stop sequence has matched)."""
         if self.stopped:
             return []
-        events: list[tuple[str, dict]] = []
         usage = chunk.get("usage")
         if usage:
             cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
             self.usage = {"input_tokens": usage.get("prompt_tokens", self.input_tokens) - cached,
                           "output_tokens": usage.get("completion_tokens", 0),
                           "cache_read_input_tokens": cached}
-        for choice in chunk.get("choices") or []:
-            delta = choice.get("delta") or choice.get("message") or {}
-            if delta.get("reasoning"):
-                events += self._thinking(delta["reasoning"])
-            if delta.get("content"):
-                events += self._text(delta["content"])
-                if self.stopped:
-                    return events
-            for call in delta.get("tool_calls") or []:
-                events += self._tool(call)
-            if choice.get("finish_reason"):
-                self.finish_reason = choice["finish_reason"]
+        events, finish = translate_chunk(chunk, {"reasoning": self._thinking, "content": self._text,
+                                                 "tool_call": self._tool}, lambda: self.stopped)
+        self.finish_reason = finish or self.finish_reason
         return events
 
     def finish(self) -> list[tuple[str, dict]]:

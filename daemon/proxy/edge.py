@@ -59,7 +59,7 @@ class Edge:
             return None
         path = scope.get("path", "").rstrip("/") or "/"
         method = scope.get("method")
-        api = ANTHROPIC if is_anthropic_path(path) else OPENAI
+        api = ANTHROPIC if is_anthropic_path(path) else OPENAI  # the family; a route says its error shape
         if path in routes.OPEN_PATHS:
             return await _json(send, 200, b'{"status": "ok"}')
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
@@ -78,18 +78,24 @@ class Edge:
                 return await self._guarded(send, api, self._models(send))
             if method == "GET" and path == routes.METRICS_PATH:
                 return await self._guarded(send, api, self._metrics(send))
+            stored = routes.STORED_RESPONSE.match(path) if method in ("GET", "DELETE") else None
+            if stored:
+                query = scope.get("query_string", b"").decode("latin-1")
+                call = self.relay.forward_stored(send, method, stored.group(1) + (f"?{query}" if query else ""))
+                return await self._guarded(send, api, call)
             if self.cloud is not None:
                 return await _until_disconnect(self.cloud.forward_raw(scope, receive, send), receive)
             return await _error(send, api, "not_found", f"no route {method} {path} here: mlxgate serves "
                                 f"POST /v1/messages, /v1/messages/count_tokens, /v1/chat/completions, "
-                                f"/v1/completions and GET /v1/models, /metrics, /")
+                                f"/v1/completions, /v1/responses, /v1/responses/input_tokens, "
+                                f"GET and DELETE /v1/responses/ID and GET /v1/models, /metrics, /")
         record = Record(api=api, route=route.name, client=client_name(headers.get("user-agent"),
                                                                       headers.get("originator")))
         tracked = _Tracked(send)
         started = time.perf_counter()
         mine = True
         try:
-            mine = await self._request(scope, receive, tracked, route, api, headers, record)
+            mine = await self._request(scope, receive, tracked, route, route.api, headers, record)
         except asyncio.CancelledError:
             record.cancelled = True
             mine = record.server != "relay"

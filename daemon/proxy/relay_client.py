@@ -14,7 +14,7 @@ import logging
 
 import aiohttp
 
-from ..api_errors import error_event
+from ..api_errors import RESPONSES, error_event
 from ..config import Config
 from ..errors import Unavailable
 from ..json_body import dump
@@ -76,13 +76,20 @@ class RelayClient:
         """POST `data` to the relay and send its answer to the client (ASGI `send`)."""
         await self.pipe(await self.open(server, api_path, model, data, client_headers), send, api)
 
+    async def forward_stored(self, send, method: str, path: str) -> None:
+        """A stored response's GET or DELETE (no model, no hooks): the wrapper keeps them."""
+        await self.pipe(await self._open(method, path, None, {}), send, RESPONSES)
+
     async def open(self, server: str, api_path: str, model: str, data: dict,
                    client_headers: dict | None = None) -> aiohttp.ClientResponse:
         """POST `data` to the relay; its answer, nothing sent to the client yet."""
-        headers = {**self.headers, **(client_headers or {}), MODEL_HEADER: model}
+        headers = {**(client_headers or {}), MODEL_HEADER: model}
+        return await self._open("POST", relay_path(server, api_path), dump(data), headers)
+
+    async def _open(self, method: str, path: str, body: bytes | None, headers: dict) -> aiohttp.ClientResponse:
         try:
-            return await self._client().post(self.base + relay_path(server, api_path),
-                                             data=dump(data), headers=headers)
+            return await self._client().request(method, self.base + path, data=body,
+                                                headers={**self.headers, **headers})
         except (aiohttp.ClientError, OSError) as exc:
             raise Unavailable(f"{self.what} is not running at {self.base} ({type(exc).__name__}), so no "
                               f"local model can answer. Check `mlxgate status`.") from None

@@ -3,10 +3,11 @@ its clients read, and where the relay takes it."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from .. import relay_protocol as relay
-from ..api_errors import ANTHROPIC, OPENAI
+from ..api_errors import ANTHROPIC, OPENAI, RESPONSES as RESPONSES_API
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,8 @@ MESSAGES = Route("anthropic_messages", ANTHROPIC, relay.MESSAGES)
 COUNT_TOKENS = Route("count_tokens", ANTHROPIC, relay.COUNT_TOKENS)
 CHAT = Route("chat_completions", OPENAI, relay.CHAT)
 COMPLETIONS = Route("completions", OPENAI, relay.COMPLETIONS)
+RESPONSES = Route("responses", RESPONSES_API, relay.RESPONSES)
+RESPONSE_INPUT_TOKENS = Route("responses_input_tokens", OPENAI, relay.RESPONSE_INPUT_TOKENS)
 
 # POST paths (without a trailing slash; a query string such as ?beta=true is ignored)
 POST_ROUTES = {
@@ -29,7 +32,14 @@ POST_ROUTES = {
     "/chat/completions": CHAT,
     "/v1/completions": COMPLETIONS,
     "/completions": COMPLETIONS,
+    "/v1/responses": RESPONSES,
+    "/responses": RESPONSES,
+    "/v1/responses/input_tokens": RESPONSE_INPUT_TOKENS,
+    "/responses/input_tokens": RESPONSE_INPUT_TOKENS,
 }
+# GET / DELETE of a response the relay stored: no model, no hooks; the wrapper keeps them.
+# (LiteLLM's ids for cloud responses look otherwise, and go to LiteLLM.)
+STORED_RESPONSE = re.compile(r"^(?:/v1)?(/responses/resp_[0-9a-f]{48}(?:/input_items)?)$")
 MODEL_LIST_PATHS = ("/v1/models", "/models")
 METRICS_PATH = "/metrics"  # key required; the wrapper's counts, whichever listener is scraped
 OPEN_PATHS = ("/health/liveliness", "/health/liveness", "/health/readiness")  # no key needed

@@ -4,11 +4,14 @@
     /backends/<server>/v1/messages/count_tokens  exact prompt tokens
     /backends/<server>/v1/chat/completions       OpenAI chat
     /backends/<server>/v1/completions            OpenAI text completions
+    /backends/<server>/v1/responses              OpenAI Responses (translated here)
+    /backends/<server>/v1/responses/input_tokens exact prompt tokens of a Responses request
+    /responses/<id>[/input_items]                stored responses (GET, DELETE), whichever server
 
 Every request to a model server passes here, and its queue is the one place it waits:
-- the body is checked against its API's contract and translated (Anthropic Messages
-  next to the model's own tokenizer), and the prompt counted against the model's context
-  window, all before anything is sent back;
+- the body is checked against its API's contract and translated (Anthropic Messages and
+  the Responses API next to the model's own tokenizer), and the prompt counted against
+  the model's context window, all before anything is sent back;
 - it joins the server's queue (full queue: 529 / 503 at once) for the model the proxy
   named (header `x-mlxgate-model`); when its turn comes and another model is loaded, the
   switch happens then, inside the queue;
@@ -29,12 +32,13 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Iterator
 
 from flask import Flask, Response, request, stream_with_context
 
 from .. import relay_protocol as paths
-from ..api_errors import ANTHROPIC, OPENAI, error_event, exception_response, kind_of
+from ..api_errors import ANTHROPIC, OPENAI, RESPONSES, error_event, exception_response, kind_of
 from ..catalog import LocalModel, context_length
 from ..errors import BackendError, MlxgateError, RequestRejected, Unavailable
 from ..json_body import dump, parse_object
@@ -43,6 +47,9 @@ from ..messages.events import MessageTranslator, assemble, sse
 from ..messages.openai_request import check_chat, check_completion
 from ..messages.request import to_chat
 from ..net import peer_closed
+from ..responses import events as response_events
+from ..responses.request import ResponsesRequest, response_object, to_chat as responses_to_chat
+from ..responses.store import ResponseStore
 from . import tokens
 from .admission import Ticket
 from .fleet import Fleet
@@ -72,9 +79,10 @@ class Job:
 
 
 class Relay:
-    def __init__(self, fleet: Fleet, recorder: Recorder | None = None):
+    def __init__(self, fleet: Fleet, recorder: Recorder | None = None, store: ResponseStore | None = None):
         self.fleet = fleet
         self.recorder = recorder
+        self.store = store or ResponseStore(fleet.config.home / "responses")
 
     # ------------------------------------------------------------------ the record of each request
     def _tally(self, api: str, route: str, role: str) -> Tally:
@@ -119,7 +127,7 @@ class Relay:
                                       if api == ANTHROPIC else
                                       f"This model's maximum context length is {limit} tokens. However, your "
                                       f"messages resulted in {count} tokens. Please reduce the length of the "
-                                      f"messages.", "invalid_request")
+                                      f"messages.", "context_length_exceeded")
             if chat.get("max_tokens") and count + chat["max_tokens"] > limit:
                 chat["max_tokens"] = limit - count
         return count
@@ -206,9 +214,11 @@ class Relay:
         self._done(job.tally)
         return Response(dump(answer), mimetype="application/json")
 
-    def _stream(self, api: str, job: Job, produce: Iterator[bytes]) -> Response:
-        """A streamed answer whose failures arrive as the API's own error event, and whose
-        place in the queue is given back however it ends."""
+    def _stream(self, api: str, job: Job, produce: Iterator[bytes],
+                failure: Callable[[str, str], bytes] | None = None) -> Response:
+        """A streamed answer whose failures arrive as the API's own error event (`failure`
+        of the kind and message, when the API's translation has its own), and whose place
+        in the queue is given back however it ends."""
         def guarded() -> Iterator[bytes]:
             try:
                 yield from produce
@@ -218,7 +228,7 @@ class Relay:
                 kind, _ = kind_of(exc)
                 job.tally.failed(exc)
                 log.warning("%s stream ended with an error: %s", job.server.role, exc)
-                yield error_event(api, kind, str(exc))
+                yield (failure or partial(error_event, api))(kind, str(exc))
             except GeneratorExit:  # the client left while we were sending
                 job.tally.record.cancelled = True
                 raise
@@ -320,6 +330,91 @@ class Relay:
                     yield b"data: " + dump(chunk) + b"\n\n"
         yield b"data: [DONE]\n\n"
 
+    # ------------------------------------------------------------------ OpenAI Responses
+    def _responses_request(self, role: str, body: dict) -> tuple[ResponsesRequest, list[dict], LocalModel]:
+        """The request translated, with the chain it continues, and the model that answers."""
+        earlier = self.store.history(body.get("previous_response_id"))
+        return responses_to_chat(body, earlier), earlier, self._model(role)
+
+    def responses(self, role: str) -> Response:
+        tally = self._tally(OPENAI, "responses", role)
+        try:
+            server = self._server(role)
+            translated, earlier, model = self._responses_request(role, _json_body())
+            tally.record.stream = translated.stream
+            input_tokens = self._fit_context(model, translated.chat, RESPONSES)
+            job = self._join(server, "responses", model, translated.chat, paths.CHAT, tally)
+        except MlxgateError as exc:
+            return self._refuse(tally, RESPONSES, exc)
+        response = response_object(translated)
+        response["model"] = response["model"] or model.name
+        translator = response_events.ResponseTranslator(response, translated.tools, translated.max_calls,
+                                                         input_tokens)
+
+        def keep() -> None:
+            if translated.store and translator.done:
+                self.store.save(translator.response, translated.items, earlier)
+
+        if translated.stream:
+            def failed(kind: str, message: str) -> bytes:
+                return response_events.encode(translator.failed(kind, message))
+            return self._stream(RESPONSES, job, self._response_events(job, translator, keep), failed)
+
+        def build(chunks) -> dict:
+            translator.start()
+            for chunk in chunks:
+                if chunk is not None:
+                    translator.feed(chunk)
+            translator.finish()
+            keep()
+            return translator.response
+        return self._answer(RESPONSES, job, build)
+
+    def _response_events(self, job: Job, translator: response_events.ResponseTranslator,
+                         keep: Callable[[], None]) -> Iterator[bytes]:
+        yield response_events.encode(translator.start())
+        for _ in self._turn(job):
+            yield response_events.KEEPALIVE
+        with contextlib.closing(self._generate(job)) as chunks:
+            for chunk in chunks:
+                if chunk is None:
+                    yield response_events.KEEPALIVE
+                    continue
+                out = response_events.encode(translator.feed(chunk))
+                if out:
+                    yield out
+        last = translator.finish()
+        keep()  # before the last event: a client may chain on it at once
+        yield response_events.encode(last)
+
+    def response_input_tokens(self, role: str) -> Response:
+        tally = self._tally(OPENAI, "responses_input_tokens", role)
+        try:
+            self._server(role)
+            translated, _, model = self._responses_request(role, _json_body())
+            tally.record.served_model = model.name
+            count = tokens.count_chat(model.path, translated.chat)
+        except MlxgateError as exc:
+            return self._refuse(tally, OPENAI, exc)
+        self._done(tally)
+        return Response(json.dumps({"object": "response.input_tokens", "input_tokens": count}),
+                        mimetype="application/json")
+
+    def stored(self, response_id: str) -> Response:
+        if request.method == "DELETE":
+            return Response(json.dumps(self.store.delete(response_id)), mimetype="application/json")
+        return Response(dump(self.store.record(response_id)["response"]), mimetype="application/json")
+
+    def stored_input_items(self, response_id: str) -> Response:
+        order = request.args.get("order", "desc")
+        limit = request.args.get("limit", "20")
+        if order not in ("asc", "desc"):
+            raise RequestRejected(400, f"order: Input should be 'asc' or 'desc', got {order!r}")
+        if not limit.isdigit() or not 1 <= int(limit) <= 100:
+            raise RequestRejected(400, f"limit: Input should be an integer from 1 to 100, got {limit!r}")
+        page = self.store.input_items(response_id, order, int(limit), request.args.get("after"))
+        return Response(dump(page), mimetype="application/json")
+
 
 def _in_background(call: Callable[[], object]) -> Callable[[], bool]:
     """Start `call` in a thread; the returned function waits up to a second and says whether
@@ -361,4 +456,11 @@ def register(app: Flask, fleet: Fleet, recorder: Recorder | None = None) -> Rela
                      methods=["POST"])
     app.add_url_rule(paths.relay_path("<role>", paths.COMPLETIONS), "completions",
                      lambda role: relay.openai(role, "completions"), methods=["POST"])
+    app.add_url_rule(paths.relay_path("<role>", paths.RESPONSES), "responses", relay.responses, methods=["POST"])
+    app.add_url_rule(paths.relay_path("<role>", paths.RESPONSE_INPUT_TOKENS), "response_input_tokens",
+                     relay.response_input_tokens, methods=["POST"])
+    app.add_url_rule(f"{paths.STORED_RESPONSES}/<response_id>", "stored_response", relay.stored,
+                     methods=["GET", "DELETE"])
+    app.add_url_rule(f"{paths.STORED_RESPONSES}/<response_id>/input_items", "stored_input_items",
+                     relay.stored_input_items, methods=["GET"])
     return relay

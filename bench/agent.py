@@ -67,18 +67,19 @@ def main() -> int:
     chat_history = [{"role": "system", "content": system}] + turns
     session = requests.Session()
     try:
-        def ask(i: int) -> list[dict]:
-            return [{"role": "user", "content": f"Follow-up question number {i}: what should change next?"}]
+        def ask(i: int, path: str = "") -> list[dict]:
+            # each path its own question: no request repeats another's prompt (an exact cache hit)
+            return [{"role": "user", "content": f"Follow-up question number {i} {path}: what should change next?"}]
 
         paths = {
             "direct chat": lambda i: timed(session, direct.url + "/v1/chat/completions", {
-                "messages": chat_history + ask(i), "max_tokens": 1}, None, False),
+                "messages": chat_history + ask(i, "a"), "max_tokens": 1}, None, False),
             "mlxgate chat": lambda i: timed(session, gateway.url + "/v1/chat/completions", {
-                "model": "gpt-4o", "messages": chat_history + ask(i), "max_tokens": 1}, gateway.key, False),
+                "model": "gpt-4o", "messages": chat_history + ask(i, "a"), "max_tokens": 1}, gateway.key, False),
             "direct stream": lambda i: timed(session, direct.url + "/v1/chat/completions", {
-                "messages": chat_history + ask(i), "max_tokens": 1, "stream": True}, None, True),
+                "messages": chat_history + ask(i, "b"), "max_tokens": 1, "stream": True}, None, True),
             "mlxgate messages stream": lambda i: timed(session, gateway.url + "/v1/messages", {
-                "model": "claude-opus-4-8", "system": system, "messages": turns + ask(i), "max_tokens": 1,
+                "model": "claude-opus-4-8", "system": system, "messages": turns + ask(i, "b"), "max_tokens": 1,
                 "stream": True}, gateway.key, True),
         }
         print("prefilling the conversation on both paths...", file=sys.stderr, flush=True)

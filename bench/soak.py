@@ -217,6 +217,8 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=6)
     parser.add_argument("--switch-model", help="a second local model: switch requests go there")
     parser.add_argument("--start", action="store_true", help="start a gateway with two tiny models for the run")
+    parser.add_argument("--warmup", type=float, default=2, help="minutes of the same load before the measured "
+                        "run (tokenizers loaded, threads and caches grown), not counted")
     args = parser.parse_args()
 
     env = dict(os.environ)
@@ -227,17 +229,15 @@ def main() -> int:
     if not config.api_key:
         raise SystemExit("no API key: start the daemon first (`mlxgate start`) or pass --start")
     try:
+        if args.warmup:
+            print(f"warming up for {args.warmup:g} min...", file=sys.stderr, flush=True)
+            run(Soak(config.http_url, config.api_key, config.default_model or "", args.switch_model), args.warmup,
+                args.clients)
         soak = Soak(config.http_url, config.api_key, config.default_model or "", args.switch_model)
         before = group_rss(config)
         base = idle_p50(config.http_url, config.api_key)
-        deadline = time.monotonic() + args.minutes * 60
-        threads = [threading.Thread(target=soak.client, args=(deadline, i)) for i in range(args.clients)]
         print(f"soaking for {args.minutes:g} min with {args.clients} clients...", file=sys.stderr, flush=True)
-        for thread in threads:
-            thread.start()
-        while any(t.is_alive() for t in threads):
-            time.sleep(30)
-            print(f"  {len(soak.results)} requests so far", file=sys.stderr, flush=True)
+        run(soak, args.minutes, args.clients)
         if args.switch_model:  # the comparison runs on the main model
             requests.post(config.wrapper_url + "/models/load", json={"model": config.default_model},
                           headers={"Authorization": f"Bearer {config.api_key}"}, timeout=600)
@@ -250,11 +250,22 @@ def main() -> int:
     return 0
 
 
+def run(soak: Soak, minutes: float, clients: int) -> None:
+    deadline = time.monotonic() + minutes * 60
+    threads = [threading.Thread(target=soak.client, args=(deadline, i)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    while any(t.is_alive() for t in threads):
+        time.sleep(30)
+        print(f"  {len(soak.results)} requests so far", file=sys.stderr, flush=True)
+
+
 def report(results, args, before, after, base, end_base) -> None:
     by_kind: dict[str, list] = collections.defaultdict(list)
     for kind, outcome, ms in results:
         by_kind[kind].append((outcome, ms))
-    print(f"\n{len(results)} requests in {args.minutes:g} min, {args.clients} concurrent clients\n")
+    print(f"\n{len(results)} requests in {args.minutes:g} min, {args.clients} concurrent clients (after "
+          f"{args.warmup:g} min of warm-up)\n")
     print("| kind | requests | outcomes | p50 ms | p99 ms |")
     print("|---|---:|---|---:|---:|")
     for kind in WEIGHTS:

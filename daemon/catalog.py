@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -20,6 +21,7 @@ from . import names
 from .errors import ModelLoadFailed, UnknownModel, UnsafeModelName
 
 WEIGHT_SUFFIXES = (".safetensors",)
+RECHECK_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,7 @@ class Catalog:
         self.hf_cache = hf_cache
         self._lock = threading.Lock()
         self._checked: dict[Path, tuple[tuple, str | None]] = {}
+        self._recent: dict[str, tuple[float, LocalModel]] = {}  # servable names, when last checked
         self._operator: dict[str, LocalModel] = {}
         for given in operator_models:
             path = Path(given).expanduser()
@@ -130,7 +133,13 @@ class Catalog:
     def servable(self, requested: str) -> LocalModel:
         """`resolve`, then the folder checked as a load would check it (config, weight
         headers), so a broken model is refused before anything is sent; the verdict is
-        remembered while the folder's files stay the same."""
+        remembered while the folder's files stay the same, and for a second without looking
+        at the disk at all: the proxy asks it for every request, on its event loop."""
+        now = time.monotonic()
+        with self._lock:
+            hit = self._recent.get(requested)
+        if hit is not None and now - hit[0] < RECHECK_SECONDS:
+            return hit[1]
         model = self.resolve(requested)
         stamp = _stamp(model.path)
         with self._lock:
@@ -145,6 +154,10 @@ class Catalog:
                 self._checked[model.path] = seen
         if seen[1]:
             raise ModelLoadFailed(f"model {model.name!r} cannot be loaded: {seen[1]}")
+        with self._lock:
+            if len(self._recent) > 1000:
+                self._recent.clear()
+            self._recent[requested] = (now, model)
         return model
 
 

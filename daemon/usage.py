@@ -87,3 +87,11 @@ class Record:
 
 
 COLUMNS = tuple(f.name for f in fields(Record))
+
+
+def apply_openai_usage(record: Record, usage: dict) -> None:
+    """An OpenAI `usage` (prompt_tokens with its cached part, completion_tokens) into `record`."""
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    record.input_tokens = max(0, (usage.get("prompt_tokens") or 0) - cached)
+    record.cached_tokens = cached
+    record.output_tokens = usage.get("completion_tokens") or 0

@@ -19,12 +19,11 @@ import signal
 import threading
 import time
 
-import anthropic
 import httpx
 import pytest
 import yaml
 
-from support import Gateway, claude, gpt, mlxgate, pid_alive, wait_for
+from support import Gateway, claude, gpt, mlxgate, wait_for
 
 ADDRESSES = {"b": "127.0.0.2", "c": "127.0.0.3", "d": "127.0.0.4", "g": "127.0.0.5"}
 DEFAULTS = {"b": "tiny-c", "c": "tiny-a", "d": "tiny-a", "g": "org/tiny-b"}

@@ -12,7 +12,6 @@ closes the connection to the relay, which stops the generation.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import http.cookies
 import ipaddress
 import json
@@ -22,6 +21,7 @@ import urllib.parse
 
 from ..api_errors import ANTHROPIC, OPENAI, error_response, exception_response, is_anthropic_path, kind_for_status, kind_of
 from ..config import Config
+from ..credentials import credential, is_key
 from ..errors import MlxgateError
 from ..hookspecs import LITELLM
 from ..json_body import parse_object
@@ -66,7 +66,7 @@ class Edge:
         if method == "GET" and (path == "/" or path.startswith("/static/")):
             return await self._page(scope, path, headers, send)
         if path == "/login":
-            return await self._login(method, receive, send)
+            return await self._login(scope, method, receive, send)
         route = routes.POST_ROUTES.get(path) if method == "POST" else None
         if self.api_key and not (self._authorized(headers) or self._stand_in_lets_in(scope, headers)):
             if route is not None:
@@ -83,8 +83,10 @@ class Edge:
                 query = scope.get("query_string", b"").decode("latin-1")
                 call = self.relay.forward_stored(send, method, stored.group(1) + (f"?{query}" if query else ""))
                 return await self._guarded(send, api, call)
-            if self.cloud is not None:
-                return await _until_disconnect(self.cloud.forward_raw(scope, receive, send), receive)
+            if self.cloud is not None:  # LiteLLM's own routes: it reads the body, and its master key opens
+                if not self._authorized(headers):  # its admin routes: the gateway's key, never stand-in
+                    return await _error(send, api, "authentication", KEY_HINT)
+                return await self.cloud.forward_raw(scope, receive, send)
             return await _error(send, api, "not_found", f"no route {method} {path} here: mlxgate serves "
                                 f"POST /v1/messages, /v1/messages/count_tokens, /v1/chat/completions, "
                                 f"/v1/completions, /v1/responses, /v1/responses/input_tokens, "
@@ -133,7 +135,8 @@ class Edge:
         except Exception as exc:
             log.exception("a plugin failed on %s", route.name)
             record.error = "api_error"
-            await _error(send, api, "api_error", f"a plugin failed: {type(exc).__name__}: {exc}")
+            await _error(send, api, "api_error", f"a plugin failed ({type(exc).__name__}) on route "
+                         f"{route.name}; `mlxgate logs proxy` has the traceback")
             return True
         target = ctx.target
         record.served_model, record.server = target.model, target.server
@@ -181,8 +184,8 @@ class Edge:
         if _loopback(scope.get("client")) or not self.api_key:
             return True
         cookie = http.cookies.SimpleCookie(headers.get("cookie", ""))
-        given = cookie[status_page.COOKIE].value if status_page.COOKIE in cookie else _credential(headers)
-        return hmac.compare_digest(given.encode(), self.api_key)
+        given = cookie[status_page.COOKIE].value if status_page.COOKIE in cookie else credential(headers)
+        return is_key(given, self.api_key)
 
     async def _page(self, scope, path: str, headers: dict, send) -> None:
         if path.startswith("/static/"):
@@ -190,7 +193,7 @@ class Edge:
             kind = status_page.STATIC_FILES.get(name)
             if kind is None:
                 return await _error(send, OPENAI, "not_found", f"no file {name!r}")
-            data = (status_page.STATIC / name).read_bytes()
+            data = status_page.static_file(name)
             return await _reply(send, 200, [("content-type", kind), ("content-length", str(len(data))),
                                             ("cache-control", "max-age=86400")], data)
         if not self._may_see_page(scope, headers):
@@ -206,7 +209,7 @@ class Edge:
         await _reply(send, 200, [("content-type", "text/html; charset=utf-8"), ("content-length", str(len(page)))],
                      page)
 
-    async def _login(self, method: str, receive, send) -> None:
+    async def _login(self, scope, method: str, receive, send) -> None:
         problem = ""
         if method == "POST":
             body = b""
@@ -218,8 +221,10 @@ class Edge:
                 body += message.get("body", b"")
                 more = message.get("more_body", False) and len(body) < 4096
             given = (urllib.parse.parse_qs(body.decode("utf-8", "replace")).get("key") or [""])[0]
-            if self.api_key is None or hmac.compare_digest(given.encode(), self.api_key):
+            if self.api_key is None or is_key(given, self.api_key):
                 cookie = f"{status_page.COOKIE}={given}; HttpOnly; SameSite=Strict; Path=/"
+                if scope.get("scheme") == "https":
+                    cookie += "; Secure"
                 return await _reply(send, 303, [("location", "/"), ("set-cookie", cookie),
                                                 ("content-length", "0")], b"")
             problem = "That is not the gateway's key."
@@ -253,13 +258,13 @@ class Edge:
         return b"".join(chunks)
 
     def _authorized(self, headers: dict) -> bool:
-        return hmac.compare_digest(_credential(headers).encode(), self.api_key)
+        return is_key(credential(headers), self.api_key)
 
     # ---- standing in for ssl_domain (stand_in_any_key): the real service's clients send
     # their own API key or OAuth token; on the HTTPS listener, from this machine only, any
     # credential is let in. The HTTP listener and other addresses keep the gateway's key.
     def _stand_in_lets_in(self, scope, headers: dict) -> bool:
-        return self.stand_in and _loopback(scope.get("client")) and bool(_credential(headers))
+        return self.stand_in and _loopback(scope.get("client")) and bool(credential(headers))
 
     async def _lifespan(self, scope, receive, send) -> None:
         if self.cloud is not None:  # LiteLLM loads its deployments at startup
@@ -275,15 +280,6 @@ class Edge:
                 await self.relay.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
-
-
-def _credential(headers: dict) -> str:
-    """The key a client sent: `x-api-key`, else `Authorization: Bearer`."""
-    given = headers.get("x-api-key") or ""
-    auth = headers.get("authorization", "")
-    if not given and auth.lower().startswith("bearer "):
-        given = auth[7:].strip()
-    return given
 
 
 def _loopback(client) -> bool:

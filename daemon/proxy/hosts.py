@@ -148,9 +148,9 @@ class HostRouting:
                           f"Check `mlxgate status`.")
 
     def _nowhere(self, model: str, role: str) -> str:
-        down = [f"{n} ({v.error})" for n, v in self.views.items() if not v.reachable]
+        down = [n for n, v in self.views.items() if not v.reachable]  # why is for the operator: `mlxgate status`
         return (f"no place can serve {model!r} on its {role} server now: no reachable host has it"
-                + (f"; down: {', '.join(down)}" if down else "") + ". Check `mlxgate status`.")
+                + (f"; down: {', '.join(down)}" if down else "") + ". `mlxgate status` says why.")
 
     def model_names(self) -> tuple[str, ...]:
         """The models the reachable hosts serve, for `GET /v1/models`."""

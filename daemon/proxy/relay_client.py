@@ -67,8 +67,9 @@ class RelayClient:
             raise Unavailable(f"the MLX wrapper at {self.base} did not answer ({type(exc).__name__}). "
                               f"Check `mlxgate status`.") from None
 
-    async def post_bytes(self, path: str, data: bytes) -> None:
-        async with self._client().post(self.base + path, data=data, headers=self.headers) as response:
+    async def post_bytes(self, path: str, data: bytes, timeout: float = 10.0) -> None:
+        async with self._client().post(self.base + path, data=data, headers=self.headers,
+                                       timeout=aiohttp.ClientTimeout(total=timeout)) as response:
             response.raise_for_status()
 
     async def forward(self, send, api: str, server: str, api_path: str, model: str, data: dict,

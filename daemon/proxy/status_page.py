@@ -22,6 +22,16 @@ STATIC_FILES = {"uPlot.iife.min.js": "application/javascript", "uPlot.min.css": 
 COOKIE = "mlxgate_key"
 REFRESH_SECONDS = 5
 
+_static: dict[str, bytes] = {}
+
+
+def static_file(name: str) -> bytes:
+    """A vendored file, read from the package once."""
+    if name not in _static:
+        _static[name] = (STATIC / name).read_bytes()
+    return _static[name]
+
+
 STYLE = """
 body{font:14px/1.4 -apple-system,system-ui,sans-serif;margin:24px;color:#222;background:#fafafa}
 h1{font-size:20px;margin:0 0 4px} h2{font-size:15px;margin:24px 0 8px}

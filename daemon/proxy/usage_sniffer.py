@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+from ..usage import apply_openai_usage
+
 LIMIT = 4 * 1024 * 1024  # an answer larger than this keeps the counts it had
 
 
@@ -44,11 +46,7 @@ class UsageSniffer:
 
 def _apply(record, usage: dict) -> None:
     if "prompt_tokens" in usage or "completion_tokens" in usage:  # OpenAI
-        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-        record.input_tokens = max(0, (usage.get("prompt_tokens") or 0) - cached)
-        record.cached_tokens = cached
-        record.output_tokens = usage.get("completion_tokens") or 0
-        return
+        return apply_openai_usage(record, usage)
     if usage.get("input_tokens") is not None:  # Anthropic (message_start, or the whole message)
         record.input_tokens = usage["input_tokens"]
         record.cached_tokens = usage.get("cache_read_input_tokens") or record.cached_tokens

@@ -44,9 +44,10 @@ class Ticket:
 
     def cancel(self, reason: str) -> None:
         self.cancel_reason = reason
-        if self._cancel is not None:
+        callback = self._cancel  # the request's thread may clear it meanwhile
+        if callback is not None:
             try:
-                self._cancel()
+                callback()
             except OSError:
                 pass
 

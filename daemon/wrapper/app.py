@@ -9,13 +9,13 @@ When an API key is configured every route but ``/health`` requires it
 
 from __future__ import annotations
 
-import hmac
 import logging
 
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from ..api_errors import ANTHROPIC, OPENAI, error_response, exception_response
+from ..credentials import credential, is_key
 from ..errors import MlxgateError, invalid
 from ..json_body import parse_object
 from ..usage import Record
@@ -60,10 +60,7 @@ def create_app(fleet: Fleet, api_key: str | None = None, metrics: Metrics | None
     def require_key():
         if not api_key or request.path == "/health":
             return None
-        header = request.headers.get("Authorization", "")
-        given = header[7:].strip() if header.lower().startswith("bearer ") else ""
-        given = given or request.headers.get("x-api-key", "")
-        if not hmac.compare_digest(given.encode(), api_key.encode()):
+        if not is_key(credential(request.headers), api_key):
             return _reply(*error_response(_api(), "authentication",
                                           "missing or wrong API key: send `Authorization: Bearer <key>` (the key "
                                           "is MLXGATE_API_KEY or the api_key file in the runtime folder)"))

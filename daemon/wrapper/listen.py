@@ -96,7 +96,13 @@ class _Handler(BaseHTTPRequestHandler):
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             self.close_connection = True
             return self._plain(411, b"send the body with a Content-Length")
-        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if length < 0:
+            self.close_connection = True
+            return self._plain(400, b"a bad Content-Length")
         if length > self.server.max_body:
             self.close_connection = True
             return self._plain(413, b"request body too large")

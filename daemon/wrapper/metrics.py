@@ -67,7 +67,7 @@ class Metrics:
         self.registry.register(_FleetCollector(fleet))
 
     def record(self, rec: Record) -> None:
-        model = rec.served_model or rec.requested_model or "-"
+        model = rec.served_model or "-"  # never the client's name for a refused request: labels stay few
         self.requests.labels(rec.api, rec.route, model, str(rec.status)).inc()
         if rec.error:
             self.errors.labels(rec.api, rec.error).inc()

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -26,7 +26,7 @@ class ServerProcess:
     popen: subprocess.Popen
     log_path: Path
     log_offset: int
-    secret: str = ""  # what a request must carry (`Authorization: Bearer ...`), see `model_process`
+    secret: str = field(default="", repr=False)  # what a request must carry (`Authorization: Bearer ...`), see `model_process`
 
     @property
     def auth_header(self) -> str:

@@ -36,7 +36,6 @@ class Minute:
     input_tokens: int = 0
     cached_tokens: int = 0
     output_tokens: int = 0
-    generation_ms: float = 0.0  # time spent generating the output tokens (first token to last)
 
 
 class Recorder:
@@ -70,8 +69,6 @@ class Recorder:
                 bucket.input_tokens += record.input_tokens
                 bucket.cached_tokens += record.cached_tokens
                 bucket.output_tokens += record.output_tokens
-                if record.tokens_per_second is not None:
-                    bucket.generation_ms += record.total_ms - (record.ttft_ms or 0)
             for old in [m for m in self.minutes if m <= minute - MINUTES]:
                 del self.minutes[old]
             if self.ledger is None:
@@ -146,5 +143,4 @@ class Recorder:
             totals = dict(vars(self.totals))
         for row in recent:
             row.pop("detail", None)
-        totals.pop("generation_ms")
         return {"since": self.started, "totals": totals, "series": series, "recent": recent}

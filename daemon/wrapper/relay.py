@@ -207,6 +207,10 @@ class Relay:
                 answer = build(chunks)
         except MlxgateError as exc:
             failure = exc
+        except Exception as exc:  # a bug: the client gets a 500 without its text, the log the traceback
+            log.exception("%s: the answer failed", job.server.role)
+            failure = BackendError(f"the answer failed ({type(exc).__name__}); `mlxgate logs wrapper` has the "
+                                   f"traceback")
         finally:
             job.server.admission.release(job.ticket)
         if failure is not None:
@@ -232,6 +236,12 @@ class Relay:
             except GeneratorExit:  # the client left while we were sending
                 job.tally.record.cancelled = True
                 raise
+            except Exception as exc:  # a bug: end the stream in the API's shape, the log has the traceback
+                log.exception("%s stream failed", job.server.role)
+                failed = BackendError(f"the answer failed ({type(exc).__name__}); `mlxgate logs wrapper` has the "
+                                      f"traceback")
+                job.tally.failed(failed)
+                yield (failure or partial(error_event, api))("backend_error", str(failed))
             finally:
                 self._finish(job)
         return Response(stream_with_context(guarded()), mimetype="text/event-stream",

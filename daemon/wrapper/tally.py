@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from ..api_errors import kind_of
-from ..usage import Record, client_name
+from ..usage import Record, apply_openai_usage, client_name
 
 
 class Tally:
@@ -27,10 +27,7 @@ class Tally:
                     break
         usage = chunk.get("usage")
         if usage:
-            cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-            self.record.input_tokens = max(0, (usage.get("prompt_tokens") or 0) - cached)
-            self.record.cached_tokens = cached
-            self.record.output_tokens = usage.get("completion_tokens") or 0
+            apply_openai_usage(self.record, usage)
 
     def generation_starts(self) -> None:
         self.generating = time.perf_counter()

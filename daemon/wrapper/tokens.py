@@ -16,6 +16,8 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
+from ..errors import invalid
+
 _KEEP = 4
 _lock = threading.Lock()
 _loaded: OrderedDict[str, "Counter"] = OrderedDict()
@@ -143,8 +145,12 @@ def count_chat(path: Path, chat: dict) -> int:
         from mlx_lm.server import convert_chat
         return len(model.wrapped.encode(convert_chat(_prepared(chat.get("messages") or []),
                                                      chat.get("role_mapping"))))
-    text = model.render(_prepared(chat.get("messages") or []), tools=chat.get("tools") or None,
-                        **(chat.get("chat_template_kwargs") or {}))
+    kwargs = chat.get("chat_template_kwargs") or {}
+    try:
+        text = model.render(_prepared(chat.get("messages") or []), tools=chat.get("tools") or None,
+                            **(kwargs if isinstance(kwargs, dict) else {}))
+    except Exception as exc:  # the template refuses this conversation (jinja raises on purpose)
+        raise invalid(f"the model's chat template cannot render this conversation: {exc}") from None
     return model.count(text)
 
 

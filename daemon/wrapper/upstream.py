@@ -43,6 +43,8 @@ class Upstream:
                               f"Connection: close\r\n\r\n".encode() + payload)
             self.sock.settimeout(None)
         except OSError as exc:
+            if getattr(self, "sock", None) is not None:
+                self.sock.close()
             self.sock = None
             raise BackendError(f"the model server on port {port} did not answer: {exc}") from None
 
@@ -117,7 +119,10 @@ class Upstream:
                 payload = line[5:].strip()
                 if payload == b"[DONE]":
                     return
-                chunk = orjson.loads(payload)
+                try:
+                    chunk = orjson.loads(payload)
+                except ValueError:
+                    raise BackendError(f"the model server sent a line that is not JSON: {payload[:80]!r}") from None
                 if isinstance(chunk, dict) and "error" in chunk:
                     raise BackendError(f"the model server failed: {chunk['error']}")
                 yield chunk

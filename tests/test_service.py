@@ -97,6 +97,30 @@ def test_the_pf_launch_daemon_loads_the_anchor_at_boot(tmp_path):
     assert "KeepAlive" not in daemon  # a one-shot load
 
 
+def test_the_keychain_steps_trust_and_forget_the_authority_by_its_own_fingerprint(tmp_path):
+    """macOS only as command lines here: what `--trust-ca` and `--uninstall` give `security`."""
+    from mlxgate.certs import CA_CERT, ensure_ca
+    from mlxgate.system import trust
+
+    ensure_ca(tmp_path)
+    ca = tmp_path / CA_CERT
+    ran = []
+
+    def run(argv, check=True):
+        ran.append(argv)
+        return subprocess.CompletedProcess(argv, 0)
+    trust.add(ca, platform="darwin", run=run)
+    assert trust.trusted(ca, platform="darwin", run=run)
+    sha1 = trust.fingerprint(ca)
+    trust.remove(ca, platform="darwin", run=run, sha1=sha1)
+    assert ran == [["security", "add-trusted-cert", "-d", "-r", "trustRoot", "-k",
+                    "/Library/Keychains/System.keychain", str(ca)],
+                   ["security", "verify-cert", "-c", str(ca)],
+                   ["security", "remove-trusted-cert", "-d", str(ca)],
+                   ["security", "delete-certificate", "-Z", sha1, "/Library/Keychains/System.keychain"]]
+    assert re.fullmatch(r"[0-9A-F]{40}", sha1)  # the form `security delete-certificate -Z` takes
+
+
 def test_doctor_names_a_set_skip_on_lo0_in_pf_conf(tmp_path):
     conf = tmp_path / "pf.conf"
     conf.write_text('scrub-anchor "com.apple/*"\nrdr-anchor "com.apple/*"\n')

@@ -9,8 +9,11 @@ only inside the directories and the cache.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -21,6 +24,7 @@ from . import names
 from .errors import ModelLoadFailed, UnknownModel, UnsafeModelName
 
 WEIGHT_SUFFIXES = (".safetensors",)
+MAX_HEADER = 100_000_000  # bytes: a safetensors header longer than this is not one
 RECHECK_SECONDS = 1.0
 
 
@@ -178,8 +182,6 @@ def verify_model_folder(path: Path) -> None:
     milliseconds even for large models, and lets the wrapper refuse a broken folder
     without stopping the model that is serving.
     """
-    import struct
-
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as exc:
@@ -192,21 +194,50 @@ def verify_model_folder(path: Path) -> None:
         raise ValueError("the folder has no .safetensors weights")
     for weight in weights:
         size = weight.stat().st_size
-        with weight.open("rb") as handle:
-            head = handle.read(8)
-            if len(head) < 8:
-                raise ValueError(f"{weight.name} is not a safetensors file (too short)")
-            (header_len,) = struct.unpack("<Q", head)
-            if header_len > min(size - 8, 100_000_000):
-                raise ValueError(f"{weight.name} is not a safetensors file (bad header length)")
-            try:
-                header = json.loads(handle.read(header_len))
-            except ValueError:
-                raise ValueError(f"{weight.name} is not a safetensors file (unreadable header)") from None
+        raw = _safetensors_header(weight, size)
+        try:
+            header = json.loads(raw)
+        except ValueError:
+            raise ValueError(f"{weight.name} is not a safetensors file (unreadable header)") from None
         ends = [t["data_offsets"][1] for k, t in header.items()
                 if k != "__metadata__" and isinstance(t, dict) and "data_offsets" in t]
-        if max(ends, default=0) > size - 8 - header_len:
+        if max(ends, default=0) > size - 8 - len(raw):
             raise ValueError(f"{weight.name} is truncated ({size} bytes on disk)")
+
+
+def _safetensors_header(weight: Path, size: int) -> bytes:
+    """The JSON header a safetensors file starts with (8 bytes of length, then the JSON),
+    unparsed; `ValueError` when the file cannot be one."""
+    with weight.open("rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{weight.name} is not a safetensors file (too short)")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > min(size - 8, MAX_HEADER):
+            raise ValueError(f"{weight.name} is not a safetensors file (bad header length)")
+        return handle.read(header_len)
+
+
+def weights_digest(folder: Path) -> str | None:
+    """What makes two machines' models the same model: SHA-256 over every safetensors
+    header of the folder (names in order). A header names every tensor, its dtype, shape
+    and byte range, so equal headers mean the same architecture at the same precision and
+    sizes; `hosts add` compares these name by name. None when the folder has no readable
+    weights. Remembered while the folder's files stay the same."""
+    return _digest(str(folder), _stamp(Path(folder)))
+
+
+@functools.lru_cache(maxsize=512)
+def _digest(folder: str, stamp: tuple) -> str | None:
+    try:
+        digest = hashlib.sha256()
+        weights = sorted(p for p in Path(folder).iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
+        for weight in weights:
+            digest.update(weight.name.encode() + b"\0")
+            digest.update(_safetensors_header(weight, weight.stat().st_size))
+        return digest.hexdigest() if weights else None
+    except (OSError, ValueError):
+        return None
 
 
 def context_length(path: Path) -> int | None:

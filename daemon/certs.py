@@ -173,6 +173,19 @@ def ensure_leaf(ssl_dir: Path, domain: str | None = None) -> tuple[Path, Path, b
     return cert_path, key_path, True
 
 
+def listener_context(ssl_dir: Path, address: str):
+    """The server TLS context of a host's relay listener at `address` (the leaf made for it).
+    TLS 1.2 exactly: a client that leaves is seen by the record header of its close_notify,
+    which TLS 1.3 hides (see `net.peer_closed`)."""
+    import ssl
+
+    cert, key, _ = ensure_leaf(ssl_dir, address)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = context.maximum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    return context
+
+
 def write_bundle(ca: Path, target: Path) -> Path:
     """certifi's roots plus the authority, for clients whose CA variable replaces their
     roots (`SSL_CERT_FILE`, `REQUESTS_CA_BUNDLE`): they still reach the real internet."""

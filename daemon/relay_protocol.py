@@ -18,6 +18,10 @@ COMPLETIONS = "/v1/completions"
 RESPONSES = "/v1/responses"
 RESPONSE_INPUT_TOKENS = "/v1/responses/input_tokens"
 
+# A host's relay listener serves its certificate authority here, unauthenticated: what
+# `mlxgate hosts add` fetches and shows by fingerprint before pinning it.
+CA_PATH = "/ca.pem"
+
 # Stored responses (GET, DELETE) are the wrapper's, whichever server answered them.
 STORED_RESPONSES = "/responses"
 

@@ -97,3 +97,51 @@ def test_the_router_prefers_the_loaded_model_then_the_least_queued_and_keeps_con
         chooser.failed("local", RuntimeError("down"))
         assert "local" not in await chooser.choose("m1", "dynamic", None)
     asyncio.run(scenario())
+
+
+def test_the_host_listener_keeps_a_connection_for_the_next_request_and_closes_idle_ones(tmp_path, monkeypatch):
+    """The relay's TLS listener with a stand-in WSGI app: requests on one connection, and
+    connections that stay silent (no handshake, or no next request) closed after the idle time."""
+    import socket
+    import ssl
+    import threading
+    import time
+
+    from mlxgate.certs import CA_CERT, listener_context
+    from mlxgate.wrapper import listen
+
+    monkeypatch.setattr(listen._Handler, "timeout", 0.5)
+    context = listener_context(tmp_path, "127.0.0.1")
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+        return [b"ok"]
+    server = listen._Server(("127.0.0.1", 0), app, context, b"", 1024)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    client = ssl.create_default_context(cafile=str(tmp_path / CA_CERT))
+
+    def closed_within(sock, seconds: float) -> bool:
+        sock.settimeout(seconds)
+        try:
+            return sock.recv(1) == b""
+        except (ConnectionError, ssl.SSLError):
+            return True
+        except TimeoutError:
+            return False
+    try:
+        silent = socket.create_connection(("127.0.0.1", port))  # never says hello
+        started = time.monotonic()
+        assert closed_within(silent, 10) and time.monotonic() - started < 5
+        with client.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="127.0.0.1") as tls:
+            for _ in range(2):  # two requests, one connection
+                tls.sendall(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+                answer = b""
+                while not answer.endswith(b"ok"):
+                    answer += tls.recv(4096)
+                assert answer.startswith(b"HTTP/1.1 200")
+            assert closed_within(tls, 10)  # then nothing: closed
+        silent.close()
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from mlxgate import names
-from mlxgate.catalog import Catalog, verify_model_folder
+from mlxgate.catalog import Catalog, verify_model_folder, weights_digest
 from mlxgate.errors import UnknownModel, UnsafeModelName
 
 
@@ -68,3 +68,20 @@ def test_integrity_check_reads_headers_only(models_dir, tmp_path):
     (truncated / "config.json").write_text(json.dumps({"hidden_size": 1}))
     with pytest.raises(ValueError, match="model_type"):
         verify_model_folder(truncated)
+
+
+def test_same_weights_header_same_digest_whatever_the_values(models_dir, tmp_path):
+    """What `hosts add` compares across machines: a copy matches, other values under the same
+    header match too, tiny-b (one more layer) does not, and broken or missing weights give none."""
+    copy = _model(tmp_path / "copy", models_dir / "tiny-a")
+    digest = weights_digest(models_dir / "tiny-a")
+    assert digest and weights_digest(copy) == digest
+    assert weights_digest(models_dir / "org" / "tiny-b") not in (None, digest)
+    weights = copy / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-1] ^= 0xFF  # other values, same header: the same model for routing
+    weights.write_bytes(bytes(raw))
+    assert weights_digest(copy) == digest
+    assert weights_digest(models_dir / "broken-garbage") is None
+    weights.unlink()
+    assert weights_digest(copy) is None

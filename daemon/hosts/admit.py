@@ -7,17 +7,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from ..catalog import for_config, weights_digest
 from ..config import Config, config_path
 from ..private_files import write_private
 from .entries import HostEntry, check_name, check_url, normal_fingerprint, shown_fingerprint, write_hosts
 from .pinning import HostDown, HostRefused, fetch_authority, fingerprint, get_json, pinned_context, read_key, \
     verifying_context
-from .weights import weights_digest
 
 
 def known_models(config: Config) -> dict[str, dict[str, str]]:
     """Weights digests by model name, by place: this machine and every configured host that answers."""
-    from ..catalog import for_config
 
     places = {"this machine": {m.name: weights_digest(m.path) for m in for_config(config).list()}}
     for entry in config.hosts:

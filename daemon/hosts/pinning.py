@@ -18,9 +18,9 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from ..errors import MlxgateError
+from ..relay_protocol import CA_PATH
 from .entries import HostEntry, shown_fingerprint
 
-CA_PATH = "/ca.pem"
 
 
 class HostRefused(MlxgateError):

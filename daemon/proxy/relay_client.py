@@ -49,22 +49,19 @@ class RelayClient:
 
     async def get_json(self, path: str, timeout: float | None = None) -> dict:
         """A management call (e.g. GET /models); `Unavailable` when the wrapper does not answer."""
+        return await self._get(path, timeout, json=True)
+
+    async def get_bytes(self, path: str) -> bytes:
+        return await self._get(path, None, json=False)
+
+    async def _get(self, path: str, timeout: float | None, json: bool):
         try:
             async with self._client().get(self.base + path, headers=self.headers,
                                           timeout=aiohttp.ClientTimeout(total=timeout)) as response:
                 response.raise_for_status()
-                return await response.json()
+                return await (response.json() if json else response.read())
         except (aiohttp.ClientError, OSError, ValueError, TimeoutError) as exc:
             raise Unavailable(f"{self.what} at {self.base} did not answer ({type(exc).__name__}). "
-                              f"Check `mlxgate status`.") from None
-
-    async def get_bytes(self, path: str) -> bytes:
-        try:
-            async with self._client().get(self.base + path, headers=self.headers) as response:
-                response.raise_for_status()
-                return await response.read()
-        except (aiohttp.ClientError, OSError) as exc:
-            raise Unavailable(f"the MLX wrapper at {self.base} did not answer ({type(exc).__name__}). "
                               f"Check `mlxgate status`.") from None
 
     async def post_bytes(self, path: str, data: bytes, timeout: float = 10.0) -> None:

@@ -273,8 +273,8 @@ def prepare(config: Config, use_sudo: bool = False, say: Callable[[str], None] =
             https_conf.unlink()
         if config.listen:  # the relay's TLS listener for other gateways (see `wrapper.listen`)
             from ..hosts.admit import listen_row
-            from ..wrapper.listen import tls_context
-            tls_context(config)
+            from ..certs import listener_context
+            listener_context(config.ssl_path, config.listen)
             say("serving other gateways at " + listen_row(config)[2])
         litellm_config.write(config)
     except StartBlocked:

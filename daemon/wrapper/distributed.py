@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -54,7 +52,7 @@ def mlx_launch_command(backend: str, hosts: str, starting_port: int, server_args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .model_process import _read_secret
+    from .model_process import on_parent_exit, read_secret
 
     parser = argparse.ArgumentParser(prog="mlxgate.wrapper.distributed")
     parser.add_argument("--backend", default="ring")
@@ -63,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("server_args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     server_args = [a for a in args.server_args if a != "--"] if args.server_args[:1] == ["--"] else args.server_args
-    secret = _read_secret()
+    secret = read_secret()
     group = subprocess.Popen(mlx_launch_command(args.backend, args.hosts, args.starting_port, server_args),
                              stdin=subprocess.PIPE)
     group.stdin.write((secret + "\n").encode())
@@ -74,15 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             group.kill()  # its ranks see their stdin close and exit
     signal.signal(signal.SIGTERM, end)
     signal.signal(signal.SIGINT, end)
-
-    def watch_parent():
-        try:
-            while os.read(0, 4096):
-                pass
-        except OSError:
-            pass
-        end()
-    threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
+    on_parent_exit(end)
     return group.wait()
 
 

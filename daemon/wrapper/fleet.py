@@ -7,10 +7,9 @@ import logging
 import threading
 import time
 
-from ..catalog import Catalog, LocalModel, for_config
+from ..catalog import Catalog, LocalModel, for_config, weights_digest
 from ..config import Config
 from ..errors import Unavailable
-from ..hosts.weights import weights_digest
 from . import tokens
 from .admission import Admission
 from .model_server import Launcher, ModelServer

@@ -27,22 +27,17 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote
 
+from ..certs import listener_context
 from ..config import Config
 from ..errors import MlxgateError
-from ..hosts.pinning import CA_PATH
+from ..relay_protocol import CA_PATH
 
 log = logging.getLogger("mlxgate.wrapper")
 SOCKET_KEY = "mlxgate.socket"  # the client's connection, which the relay watches
-
-
-def tls_context(config: Config) -> ssl.SSLContext:
-    from ..certs import ensure_leaf
-
-    cert, key, _ = ensure_leaf(config.ssl_path, config.listen)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = context.maximum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(cert, key)
-    return context
+# A connection that sends nothing for this long (no handshake, no next request) is closed, so
+# idle or abandoned connections do not hold threads. Gateways drop their idle ones sooner
+# (aiohttp: 15 s), so a gateway never reuses a connection this side is closing.
+IDLE_SECONDS = 120.0
 
 
 class _Server(ThreadingHTTPServer):
@@ -54,10 +49,12 @@ class _Server(ThreadingHTTPServer):
 
     def finish_request(self, request, client_address) -> None:
         # the handshake in the connection's own thread: a slow client holds up nobody else
+        request.settimeout(_Handler.timeout)
         try:
             request = self.context.wrap_socket(request, server_side=True)
         except (ssl.SSLError, OSError) as exc:
             log.info("TLS handshake with %s failed: %s", client_address[0], exc)
+            request.close()
             return
         super().finish_request(request, client_address)
 
@@ -67,6 +64,7 @@ class _Server(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    timeout = IDLE_SECONDS  # on every read and write of the connection (the stdlib closes it on expiry)
     server: _Server
 
     def setup(self) -> None:
@@ -162,7 +160,7 @@ def start(config: Config, app) -> threading.Thread:
     if not config.api_key:
         raise MlxgateError("listen: a host serves beyond loopback only with an API key; run `mlxgate start`, "
                            "which makes one")
-    server = _Server((config.listen, config.listen_port), app, tls_context(config),
+    server = _Server((config.listen, config.listen_port), app, listener_context(config.ssl_path, config.listen),
                      (config.ssl_path / "ca.pem").read_bytes(), config.max_body)
     thread = threading.Thread(target=server.serve_forever, name="listen", daemon=True)
     thread.start()

@@ -29,6 +29,7 @@ import signal
 import sys
 import threading
 import time
+from typing import Callable
 
 from mlxgate.net import peer_closed
 
@@ -40,7 +41,8 @@ def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _read_secret() -> str:
+def read_secret() -> str:
+    """The first line of stdin: the secret the wrapper gives each start (dies without one)."""
     line = b""
     while not line.endswith(b"\n"):
         chunk = os.read(0, 1)
@@ -50,13 +52,17 @@ def _read_secret() -> str:
     return line.decode().strip()
 
 
-def _exit_when_parent_goes() -> None:
-    try:
-        while os.read(0, 4096):
+def on_parent_exit(action: Callable[[], None]) -> None:
+    """Run `action` in a thread of its own once stdin closes: the wrapper holds the other end,
+    so it closes when the wrapper exits, however it exits."""
+    def watch() -> None:
+        try:
+            while os.read(0, 4096):
+                pass
+        except OSError:
             pass
-    except OSError:
-        pass
-    _die()
+        action()
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def admit_only_the_relay(server, secret: str) -> None:
@@ -128,8 +134,8 @@ def stop_when_client_goes(server) -> None:
 
 
 def main() -> None:
-    secret = _read_secret()
-    threading.Thread(target=_exit_when_parent_goes, name="parent-watch", daemon=True).start()
+    secret = read_secret()
+    on_parent_exit(_die)
     import mlx_lm.server as server
 
     stop_when_client_goes(server)

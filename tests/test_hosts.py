@@ -80,6 +80,14 @@ def cluster(models_dir, tmp_path_factory):
             running.stop()
 
 
+def backend_errors(gateway) -> float:
+    """Requests the gateway recorded as failed by the place that answered (its /metrics)."""
+    text = httpx.get(gateway.url + "/metrics", headers={"Authorization": f"Bearer {gateway.api_key}"},
+                     timeout=30).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("mlxgate_request_errors_total{") and 'kind="backend_error"' in line)
+
+
 def served(host) -> int:
     return host.dynamic()["queue"]["served"]
 
@@ -247,6 +255,7 @@ def test_killing_a_host_mid_load_costs_only_its_started_streams(cluster):
         streams.append((thread, lines, started, where))
     for _, _, started, _ in streams:
         assert started.wait(60)
+    errors_before = backend_errors(front)
     outcomes, stop = [], threading.Event()
 
     def steady():  # requests that had not started when the host went: none may fail
@@ -276,6 +285,8 @@ def test_killing_a_host_mid_load_costs_only_its_started_streams(cluster):
     assert cut, "no stream was on d when it was killed"
     for host, lines in cut:  # only d's streams, each ended by the API's error event
         assert host == "d" and '"error"' in lines[-1] and "host d" in lines[-1], lines[-3:]
+    # d took its records down with it: the gateway records each cut stream as failed
+    wait_for(lambda: backend_errors(front) >= errors_before + len(cut), 30, what="the cut streams recorded")
     d.start()
     timeline["restarted"] = time.monotonic()
 

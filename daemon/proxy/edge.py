@@ -158,10 +158,13 @@ class Edge:
         else:
             call = self.relay.forward(send, api, target.server, route.relay_path, target.model, ctx.data, client)
         try:
-            await _until_disconnect(call, receive)
+            complete = await _until_disconnect(call, receive)
         except MlxgateError as exc:
             record.server, record.error = target.server, kind_of(exc)[0]
             await _reply(send, *exception_response(api, exc))
+            return True
+        if complete is False:  # the relay (or the host) went away mid-answer, its record with it
+            record.server, record.error = target.server, "backend_error"
             return True
         return False
 
@@ -305,9 +308,9 @@ class _Tracked:
         await self.send(message)
 
 
-async def _until_disconnect(call, receive) -> None:
-    """Run `call`; cancel it as soon as the client disconnects (the body is already read,
-    so `receive` has nothing else to say)."""
+async def _until_disconnect(call, receive):
+    """Run `call` and return what it returns; cancel it as soon as the client disconnects
+    (None then: the body is already read, so `receive` has nothing else to say)."""
     task = asyncio.ensure_future(call)
 
     async def watch():
@@ -319,10 +322,11 @@ async def _until_disconnect(call, receive) -> None:
         if not task.done():
             task.cancel()
         try:
-            await task
+            return await task
         except asyncio.CancelledError:
             if not watcher.done():
                 raise
+            return None
     finally:
         watcher.cancel()
 

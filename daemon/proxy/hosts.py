@@ -112,8 +112,9 @@ class HostRouting:
 
     # ---------------------------------------------------------------- requests
     async def forward(self, send, api: str, target, route: str, api_path: str, data: dict,
-                      client_headers: dict | None = None) -> None:
-        """Send the request to the best place; try the next while nothing reached the client."""
+                      client_headers: dict | None = None) -> bool:
+        """Send the request to the best place; try the next while nothing reached the client.
+        False when the place went away mid-answer (it has no record of it then)."""
         await self.started()
         conversation = conversation_key(route, data) if route != "count_tokens" else None
         places = await self.chooser.choose(target.model, target.server, conversation)
@@ -141,7 +142,8 @@ class HostRouting:
                 if not await client.pipe(response, _tagged(send, name), api):
                     view.lost(f"{client.what} closed an answer mid-way")
                     self.chooser.failed(name, Unavailable("closed mid-answer"))
-                return
+                    return False
+                return True
             finally:
                 view.inflight[target.server] -= 1
         raise Unavailable(f"no place could take the request for {target.model!r}: {last}. "

@@ -70,9 +70,10 @@ class RelayClient:
             response.raise_for_status()
 
     async def forward(self, send, api: str, server: str, api_path: str, model: str, data: dict,
-                      client_headers: dict | None = None) -> None:
-        """POST `data` to the relay and send its answer to the client (ASGI `send`)."""
-        await self.pipe(await self.open(server, api_path, model, data, client_headers), send, api)
+                      client_headers: dict | None = None) -> bool:
+        """POST `data` to the relay and send its answer to the client (ASGI `send`); False
+        when the relay went away before the end of it (see `pipe`)."""
+        return await self.pipe(await self.open(server, api_path, model, data, client_headers), send, api)
 
     async def forward_stored(self, send, method: str, path: str) -> None:
         """A stored response's GET or DELETE (no model, no hooks): the wrapper keeps them."""

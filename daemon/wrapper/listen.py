@@ -36,7 +36,7 @@ log = logging.getLogger("mlxgate.wrapper")
 SOCKET_KEY = "mlxgate.socket"  # the client's connection, which the relay watches
 # A connection that sends nothing for this long (no handshake, no next request) is closed, so
 # idle or abandoned connections do not hold threads. Gateways drop their idle ones sooner
-# (aiohttp: 15 s), so a gateway never reuses a connection this side is closing.
+# (`RelayClient`: 30 s), so a gateway never reuses a connection this side is closing.
 IDLE_SECONDS = 120.0
 
 

@@ -110,7 +110,9 @@ def launch(model_path: Path, port: int, log_path: Path, extra_args: Sequence[str
     log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {model_path} on port {port}\n".encode())
     log.flush()
     offset = log.tell()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    # the gateway's own settings stay out (its API key, a database URL with its password)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLXGATE_")}
+    env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     command = [sys.executable, *entry, "--model", str(model_path),
                "--host", "127.0.0.1", "--port", str(port), *extra_args]
     try:

@@ -277,6 +277,35 @@ def ensure_tool(command: str, package: str) -> str | None:
     return shutil.which(command) or shutil.which(command, path="/usr/sbin:/sbin:/usr/bin")
 
 
+def npm_agent(command: str, package: str, version: str, folder: Path) -> str:
+    """A coding agent from npm: `command` on PATH when it is `version` (CI installs it), else
+    installed into `folder` here; the test skips, saying why, when npm cannot get it."""
+    import shutil
+
+    import pytest
+
+    found = shutil.which(command)
+    if found:
+        shown = subprocess.run([found, "--version"], capture_output=True, text=True, timeout=60).stdout
+        if version in shown:
+            return found
+    npm = shutil.which("npm")
+    if npm is None:
+        pytest.skip(f"{package} is not installed and npm is not here to install it "
+                    f"(npm install -g {package}@{version})")
+    result = subprocess.run([npm, "install", "--prefix", str(folder), "--no-audit", "--no-fund",
+                             f"{package}@{version}"], capture_output=True, text=True, timeout=600)
+    binary = folder / "node_modules" / ".bin" / command
+    if result.returncode != 0 or not binary.exists():
+        pytest.skip(f"npm could not install {package}@{version}: {result.stderr[-500:]}")
+    return str(binary)
+
+
+def exported(printed: str) -> dict[str, str]:
+    """The variables `export NAME=VALUE` lines set (what `mlxgate env` prints)."""
+    return dict(line[len("export "):].split("=", 1) for line in printed.splitlines() if line.startswith("export "))
+
+
 class Sandbox:
     """A network namespace of its own (`ip netns add`) whose processes see a copy of /etc
     and an empty /usr/local/share/ca-certificates: install, forwarding rules, hosts lines,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 import subprocess
 
@@ -19,7 +18,7 @@ import openai
 import pytest
 
 from mlxgate.demo_model import PLAIN_ANSWER, THINKING, TOOL_ANSWER
-from support import gpt, sse_events, wait_for
+from support import gpt, npm_agent, sse_events, wait_for
 
 WEATHER = {"type": "function", "name": "get_weather", "description": "Current weather in a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
@@ -303,21 +302,7 @@ def test_compaction_is_not_offered_so_codex_compacts_with_a_normal_request(agent
 # ---------------------------------------------------------------- Codex CLI
 @pytest.fixture(scope="session")
 def codex(tmp_path_factory) -> str:
-    """The `codex` binary: on PATH (CI installs it), or installed here with npm."""
-    found = shutil.which("codex")
-    if found:
-        return found
-    npm = shutil.which("npm")
-    if npm is None:
-        pytest.skip("Codex CLI is not installed and npm is not available to install it "
-                    f"(npm install -g @openai/codex@{CODEX_VERSION})")
-    folder = tmp_path_factory.mktemp("codex-cli")
-    result = subprocess.run([npm, "install", "--prefix", str(folder), "--no-audit", "--no-fund",
-                             f"@openai/codex@{CODEX_VERSION}"], capture_output=True, text=True, timeout=600)
-    binary = folder / "node_modules" / ".bin" / "codex"
-    if result.returncode != 0 or not binary.exists():
-        pytest.skip(f"npm could not install @openai/codex@{CODEX_VERSION}: {result.stderr[-500:]}")
-    return str(binary)
+    return npm_agent("codex", "@openai/codex", CODEX_VERSION, tmp_path_factory.mktemp("codex-cli"))
 
 
 def test_codex_cli_runs_a_task_against_the_gateway(agent_gateway, codex, tmp_path):

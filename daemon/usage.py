@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, fields
 CLIENTS = (
     (re.compile(r"claude-cli|claude-code|claude_code", re.I), "Claude Code"),
     (re.compile(r"codex", re.I), "Codex"),
-    (re.compile(r"qwen-code|qwen_code", re.I), "Qwen Code"),
+    (re.compile(r"qwen[-_ ]?code", re.I), "Qwen Code"),
     (re.compile(r"opencode", re.I), "opencode"),
     (re.compile(r"^Anthropic/Python", re.I), "anthropic SDK (Python)"),
     (re.compile(r"^Anthropic/JS", re.I), "anthropic SDK (JS)"),

@@ -23,7 +23,7 @@ from typing import Iterable
 from . import names
 from .errors import ModelLoadFailed, UnknownModel, UnsafeModelName
 
-WEIGHT_SUFFIXES = (".safetensors",)
+WEIGHT_PREFIX, WEIGHT_SUFFIX = "model", ".safetensors"  # mlx_lm loads model*.safetensors, nothing else
 MAX_HEADER = 100_000_000  # bytes: a safetensors header longer than this is not one
 RECHECK_SECONDS = 1.0
 
@@ -35,11 +35,20 @@ class LocalModel:
     source: str  # "model_dir", "hf_cache" or "config"
 
 
+def is_weight_file(name: str) -> bool:
+    """Whether mlx_lm loads a file of this name as the model's weights (so not an adapter,
+    and not the `._` companion files macOS writes on volumes without extended attributes)."""
+    return name.startswith(WEIGHT_PREFIX) and name.endswith(WEIGHT_SUFFIX)
+
+
+def weight_files(path: Path) -> list[Path]:
+    return sorted(path / entry.name for entry in os.scandir(path) if is_weight_file(entry.name))
+
+
 def is_model_folder(path: Path) -> bool:
     """A folder holds a model when it has a config.json and safetensors weights."""
     try:
-        return (path / "config.json").is_file() and any(
-            entry.name.endswith(WEIGHT_SUFFIXES) for entry in os.scandir(path))
+        return (path / "config.json").is_file() and any(is_weight_file(e.name) for e in os.scandir(path))
     except OSError:
         return False
 
@@ -169,7 +178,7 @@ def _stamp(path: Path) -> tuple:
     """What changes when a model folder's files do: names, sizes and times."""
     try:
         return tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(path)
-                            if e.name == "config.json" or e.name.endswith(WEIGHT_SUFFIXES)))
+                            if e.name == "config.json" or is_weight_file(e.name)))
     except OSError:
         return ()
 
@@ -189,9 +198,9 @@ def verify_model_folder(path: Path) -> None:
         raise ValueError(f"config.json is not valid JSON ({reason})") from None
     if not isinstance(config, dict) or "model_type" not in config:
         raise ValueError("config.json has no model_type")
-    weights = sorted(p for p in path.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
+    weights = weight_files(path)
     if not weights:
-        raise ValueError("the folder has no .safetensors weights")
+        raise ValueError("the folder has no model*.safetensors weights")
     for weight in weights:
         size = weight.stat().st_size
         raw = _safetensors_header(weight, size)
@@ -231,7 +240,7 @@ def weights_digest(folder: Path) -> str | None:
 def _digest(folder: str, stamp: tuple) -> str | None:
     try:
         digest = hashlib.sha256()
-        weights = sorted(p for p in Path(folder).iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
+        weights = weight_files(Path(folder))
         for weight in weights:
             digest.update(weight.name.encode() + b"\0")
             digest.update(_safetensors_header(weight, weight.stat().st_size))

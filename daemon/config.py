@@ -426,6 +426,10 @@ def hf_cache_dir(env: Mapping[str, str] = os.environ) -> Path:
     return base / "huggingface" / "hub"
 
 
+# What the daemon's environment may hold that its model servers never get.
+SECRET_VARIABLES = ("MLXGATE_API_KEY", "MLXGATE_DATABASE_URL")
+
+
 def read_api_key(home: Path, env: Mapping[str, str] = os.environ) -> str | None:
     """The API key: ``MLXGATE_API_KEY``, else the key file in the runtime folder."""
     if env.get("MLXGATE_API_KEY"):

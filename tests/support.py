@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -219,6 +220,10 @@ class Gateway:
             pids.append(root)
         return pids
 
+    def served(self) -> int:
+        """Requests the dynamic model server has answered so far."""
+        return self.wrapper_call("GET", "/models").json()["servers"]["dynamic"]["queue"]["served"]
+
     def wrapper_call(self, method: str, path: str, **kwargs) -> requests.Response:
         return requests.request(method, f"http://127.0.0.1:{self.wrapper_port}{path}", timeout=120,
                                 headers={"Authorization": f"Bearer {self.api_key}"}, **kwargs)
@@ -286,8 +291,11 @@ def npm_agent(command: str, package: str, version: str, folder: Path) -> str:
 
     found = shutil.which(command)
     if found:
-        shown = subprocess.run([found, "--version"], capture_output=True, text=True, timeout=60).stdout
-        if version in shown:
+        try:
+            shown = subprocess.run([found, "--version"], capture_output=True, text=True, timeout=60).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            shown = ""
+        if re.search(rf"(?<![\w.]){re.escape(version)}(?![\w.])", shown):
             return found
     npm = shutil.which("npm")
     if npm is None:

@@ -6,6 +6,7 @@ Responses API's tests."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -21,17 +22,27 @@ OPENCODE_VERSION = "1.18.33"
 ASK = "What is the weather in Paris?"
 
 
-def served(gateway) -> int:
-    """Requests the dynamic model server has answered so far."""
-    return gateway.wrapper_call("GET", "/models").json()["servers"]["dynamic"]["queue"]["served"]
-
-
 def agent_env(tmp_path, settings: dict[str, str]) -> dict[str, str]:
     """The agent's environment: the gateway's variables, a home and a working folder of its own
     (PWD too: some agents take their folder from it, not from the process)."""
     for folder in ("home", "work"):
         (tmp_path / folder).mkdir(exist_ok=True)
     return {**os.environ, **settings, "HOME": str(tmp_path / "home"), "PWD": str(tmp_path / "work")}
+
+
+@contextlib.contextmanager
+def agent_run(argv: list[str], env: dict[str, str], cwd):
+    """Run an agent to its end; what it printed (stdout), with any failure in the block below
+    reported together with the agent's own output."""
+    result = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=600,
+                            stdin=subprocess.DEVNULL)
+    shown = f"\n--- {argv[0]} exited {result.returncode}; stdout:\n{result.stdout[-3000:]}\n--- stderr:\n" \
+            f"{result.stderr[-3000:]}"
+    try:
+        assert result.returncode == 0
+        yield result.stdout
+    except (AssertionError, LookupError, ValueError, TypeError) as exc:
+        raise AssertionError(f"{type(exc).__name__}: {exc}{shown}") from exc
 
 
 @pytest.fixture(scope="session")
@@ -47,18 +58,16 @@ def test_claude_code_runs_a_task_against_the_gateway(agent_gateway, claude_code,
     own shape (streamed, `?beta=true`, its beta headers, metadata, thinking settings)."""
     settings = exported(mlxgate("env", env=agent_gateway.env, check=True).stdout)
     assert settings["ANTHROPIC_MODEL"] == "scripted"  # its window is under Claude Code's 100K floor
-    before = served(agent_gateway)
-    result = subprocess.run(
-        [claude_code, "-p", ASK, "--output-format", "json", "--tools", "Bash", "--system-prompt", "Be brief."],
-        env={**agent_env(tmp_path, settings), "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_AUTOUPDATER": "1"},
-        cwd=tmp_path / "work", capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    outcome = json.loads(result.stdout)
-    assert outcome["is_error"] is False and outcome["result"] == TOOL_ANSWER, outcome
-    assert outcome["num_turns"] == 2  # the tool call, then the answer from its (failed) result
-    assert served(agent_gateway) - before == 2
-    # its follow-up read the first request's prompt from the model server's cache
-    assert outcome["usage"]["cache_read_input_tokens"] > 0, outcome["usage"]
+    before = agent_gateway.served()
+    env = {**agent_env(tmp_path, settings), "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_AUTOUPDATER": "1"}
+    with agent_run([claude_code, "-p", ASK, "--output-format", "json", "--tools", "Bash", "--system-prompt",
+                    "Be brief."], env, tmp_path / "work") as printed:
+        outcome = json.loads(printed)
+        assert outcome["is_error"] is False and outcome["result"] == TOOL_ANSWER
+        assert outcome["num_turns"] == 2  # the tool call, then the answer from its (failed) result
+        assert agent_gateway.served() - before == 2
+        # its follow-up read the first request's prompt from the model server's cache
+        assert outcome["usage"]["cache_read_input_tokens"] > 0
 
 
 @pytest.fixture(scope="session")
@@ -75,22 +84,20 @@ def test_qwen_code_runs_a_task_against_the_gateway(agent_gateway, qwen_code, tmp
     """Qwen Code over the OpenAI chat API with the variables `mlxgate env` prints (one tool
     kept: its full tool list makes a prompt of ~23,000 tokens)."""
     settings = exported(mlxgate("env", env=agent_gateway.env, check=True).stdout)
-    before = served(agent_gateway)
-    result = subprocess.run(
-        [qwen_code, "--auth-type", "openai", "--model", "scripted", "--output-format", "json",
-         "--system-prompt", "Be brief.", "--core-tools", "run_shell_command", "--exclude-tools", "agent",
-         "tool_search", "task_stop", "send_message", "skill", "ask_user_question", "exit_plan_mode", "-p", ASK],
-        env=agent_env(tmp_path, settings), cwd=tmp_path / "work", capture_output=True, text=True, timeout=600,
-        stdin=subprocess.DEVNULL)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    events = json.loads(result.stdout)
-    outcome = events[-1]
-    assert outcome["type"] == "result" and outcome["is_error"] is False and outcome["result"] == TOOL_ANSWER
-    calls = [block for e in events if e["type"] == "assistant" for block in e["message"]["content"]
-             if block["type"] == "tool_use"]
-    assert [(c["name"], c["input"]) for c in calls] == [("get_weather", {"city": "Paris"})]
-    assert outcome["num_turns"] == 2 and served(agent_gateway) - before == 2
-    assert outcome["usage"]["cache_read_input_tokens"] > 0
+    before = agent_gateway.served()
+    env = agent_env(tmp_path, settings)
+    with agent_run([qwen_code, "--auth-type", "openai", "--model", "scripted", "--output-format", "json",
+                    "--system-prompt", "Be brief.", "--core-tools", "run_shell_command", "--exclude-tools", "agent",
+                    "tool_search", "task_stop", "send_message", "skill", "ask_user_question", "exit_plan_mode",
+                    "-p", ASK], env, tmp_path / "work") as printed:
+        events = json.loads(printed)
+        outcome = events[-1]
+        assert outcome["type"] == "result" and outcome["is_error"] is False and outcome["result"] == TOOL_ANSWER
+        calls = [block for e in events if e["type"] == "assistant" for block in e["message"]["content"]
+                 if block["type"] == "tool_use"]
+        assert [(c["name"], c["input"]) for c in calls] == [("get_weather", {"city": "Paris"})]
+        assert outcome["num_turns"] == 2 and agent_gateway.served() - before == 2
+        assert outcome["usage"]["cache_read_input_tokens"] > 0
 
 
 def test_opencode_runs_a_task_against_the_gateway(agent_gateway, opencode, tmp_path):
@@ -107,16 +114,14 @@ def test_opencode_runs_a_task_against_the_gateway(agent_gateway, opencode, tmp_p
                                                  "webfetch", "write")},
               "agent": {"build": {"prompt": "Be brief."}}}
     (tmp_path / "work" / "opencode.json").write_text(json.dumps(config))
-    before = served(agent_gateway)
-    result = subprocess.run([opencode, "run", "--format", "json", ASK], cwd=tmp_path / "work", capture_output=True,
-                            text=True, timeout=600, stdin=subprocess.DEVNULL, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    events = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert not [e for e in events if e["type"] == "error"], events
-    texts = [e["part"]["text"] for e in events if e["type"] == "text"]
-    assert texts[-1] == TOOL_ANSWER
-    tools = [e["part"]["state"]["input"] for e in events if e["type"] == "tool_use"]
-    assert tools and tools[0]["tool"] == "get_weather"  # opencode's answer to a tool it does not have
-    steps = [e["part"]["tokens"] for e in events if e["type"] == "step_finish"]
-    assert len(steps) == 2 and steps[1]["cache"]["read"] > 0, steps
-    assert served(agent_gateway) - before >= 2  # and the title it asks for, on the same model
+    before = agent_gateway.served()
+    with agent_run([opencode, "run", "--format", "json", ASK], env, tmp_path / "work") as printed:
+        events = [json.loads(line) for line in printed.splitlines() if line.startswith("{")]
+        assert not [e for e in events if e["type"] == "error"]
+        texts = [e["part"]["text"] for e in events if e["type"] == "text"]
+        assert texts[-1] == TOOL_ANSWER
+        tools = [e["part"]["state"]["input"] for e in events if e["type"] == "tool_use"]
+        assert tools[0]["tool"] == "get_weather"  # opencode's answer to a tool it does not have
+        steps = [e["part"]["tokens"] for e in events if e["type"] == "step_finish"]
+        assert len(steps) == 2 and steps[1]["cache"]["read"] > 0
+        assert agent_gateway.served() - before >= 2  # and the title it asks for, on the same model

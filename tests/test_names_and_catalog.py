@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from mlxgate import names
-from mlxgate.catalog import Catalog, verify_model_folder, weights_digest
+from mlxgate.catalog import Catalog, is_model_folder, verify_model_folder, weights_digest
 from mlxgate.errors import UnknownModel, UnsafeModelName
 
 
@@ -85,3 +85,21 @@ def test_same_weights_header_same_digest_whatever_the_values(models_dir, tmp_pat
     assert weights_digest(models_dir / "broken-garbage") is None
     weights.unlink()
     assert weights_digest(copy) is None
+
+
+def test_weights_are_the_files_mlx_lm_loads(models_dir, tmp_path):
+    """model*.safetensors only: the `._` files macOS leaves on exFAT or network volumes and a
+    LoRA adapter's weights are neither checked, nor digested, nor taken for a model."""
+    copy = _model(tmp_path / "copy", models_dir / "tiny-a")
+    digest = weights_digest(copy)
+    (copy / "._model.safetensors").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (copy / "adapters.safetensors").write_bytes(b"not read")
+    verify_model_folder(copy)
+    assert weights_digest(copy) == digest
+    only_adapter = tmp_path / "adapter-only"
+    only_adapter.mkdir()
+    (only_adapter / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    (only_adapter / "adapters.safetensors").write_bytes((copy / "model.safetensors").read_bytes())
+    assert not is_model_folder(only_adapter)
+    with pytest.raises(ValueError, match="no model"):
+        verify_model_folder(only_adapter)

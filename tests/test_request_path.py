@@ -88,10 +88,6 @@ def hook_calls(gw, since: int = 0) -> list[str]:
         return []
 
 
-def served(gateway) -> int:
-    return gateway.wrapper_call("GET", "/models").json()["servers"]["dynamic"]["queue"]["served"]
-
-
 def dynamic(gw) -> dict:
     return gw.wrapper_call("GET", "/models").json()["servers"]["dynamic"]
 
@@ -120,23 +116,23 @@ def test_a_local_request_runs_each_hook_once(gw):
 
 def test_a_litellm_deployment_answers_through_litellm_and_the_hooks_run_once(gw, upstream):
     """The deployments are another mlxgate: what a cloud provider or another host would be."""
-    before, answered = len(hook_calls(gw)), served(upstream)
+    before, answered = len(hook_calls(gw)), upstream.served()
     message = claude(gw).messages.create(model="remote-claude", max_tokens=4, messages=PROMPT)
     assert message.usage.output_tokens == 4 and message.content[0].text
     assert hook_calls(gw, before) == once("anthropic_messages", "remote-claude")
-    assert served(upstream) == answered + 1, "the other mlxgate answered it"
+    assert upstream.served() == answered + 1, "the other mlxgate answered it"
 
     before = len(hook_calls(gw))
     answer = gpt(gw).chat.completions.create(model="remote-gpt", max_tokens=3, messages=PROMPT)
     assert answer.usage.completion_tokens == 3
     assert hook_calls(gw, before) == once("chat_completions", "remote-gpt")
-    assert served(upstream) == answered + 2
+    assert upstream.served() == answered + 2
 
     before = len(hook_calls(gw))
     response = gpt(gw).responses.create(model="remote-gpt", max_output_tokens=16, input=PROMPT)  # OpenAI's least
     assert response.usage.output_tokens == 16 and response.output_text
     assert hook_calls(gw, before) == once("responses", "remote-gpt")
-    assert served(upstream) == answered + 3, "LiteLLM spoke the Responses API to the other mlxgate"
+    assert upstream.served() == answered + 3, "LiteLLM spoke the Responses API to the other mlxgate"
 
     chunks = list(gpt(gw).chat.completions.create(model="remote-gpt", max_tokens=3, messages=PROMPT, stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)

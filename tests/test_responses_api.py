@@ -315,7 +315,7 @@ def test_codex_cli_runs_a_task_against_the_gateway(agent_gateway, codex, tmp_pat
     table = settings.index("[model_providers.mlxgate]")
     provider = "{" + ", ".join(settings[table + 1:]) + "}"
     overrides = [*settings[:table], f"model_providers.mlxgate={provider}"]
-    served = agent_gateway.wrapper_call("GET", "/models").json()["servers"]["dynamic"]["queue"]["served"]
+    served = agent_gateway.served()
 
     for folder in ("work", "codex-home"):
         (tmp_path / folder).mkdir()
@@ -330,5 +330,5 @@ def test_codex_cli_runs_a_task_against_the_gateway(agent_gateway, codex, tmp_pat
                 if e.get("type") == "item.completed" and e["item"].get("type") == "agent_message"]
     assert messages[-1] == TOOL_ANSWER
     assert [e["type"] for e in events].count("turn.completed") == 1
-    requests = agent_gateway.wrapper_call("GET", "/models").json()["servers"]["dynamic"]["queue"]["served"] - served
+    requests = agent_gateway.served() - served
     assert requests == 2, "the tool call, then the answer from its output"

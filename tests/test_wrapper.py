@@ -169,9 +169,11 @@ def test_a_model_server_answers_the_relay_alone(wrapper):
     assert answer["usage"]["completion_tokens"] == 2
     after = wrapper.servers()["dynamic"]
     assert (after["model"], after["pid"], after["loads"]) == ("tiny-a", status["pid"], status["loads"])
-    # nor does it hold the gateway's settings: its key, a database URL
+    # nor does it hold the gateway's secrets: its key, a database URL
     assert wrapper.env["MLXGATE_API_KEY"]  # the wrapper has one
-    assert not [name for name in psutil.Process(status["pid"]).environ() if name.startswith("MLXGATE_")]
+    environ = psutil.Process(status["pid"]).environ()
+    assert "MLXGATE_API_KEY" not in environ and "MLXGATE_DATABASE_URL" not in environ
+    assert environ["MLXGATE_HOME"] == wrapper.env["MLXGATE_HOME"]  # what tells the group's processes apart
 
 
 def test_a_model_server_never_loads_another_model(models_dir, tmp_path):

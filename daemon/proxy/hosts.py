@@ -114,7 +114,8 @@ class HostRouting:
     async def forward(self, send, api: str, target, route: str, api_path: str, data: dict,
                       client_headers: dict | None = None) -> bool:
         """Send the request to the best place; try the next while nothing reached the client.
-        False when the place went away mid-answer (it has no record of it then)."""
+        False when the answer from the place broke off mid-way (the place died, or dropped a
+        connection it could not write to: either way the gateway records the failure)."""
         await self.started()
         conversation = conversation_key(route, data) if route != "count_tokens" else None
         places = await self.chooser.choose(target.model, target.server, conversation)

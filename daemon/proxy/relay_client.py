@@ -72,7 +72,7 @@ class RelayClient:
     async def forward(self, send, api: str, server: str, api_path: str, model: str, data: dict,
                       client_headers: dict | None = None) -> bool:
         """POST `data` to the relay and send its answer to the client (ASGI `send`); False
-        when the relay went away before the end of it (see `pipe`)."""
+        when the answer broke off before its end (see `pipe`)."""
         return await self.pipe(await self.open(server, api_path, model, data, client_headers), send, api)
 
     async def forward_stored(self, send, method: str, path: str) -> None:
@@ -106,11 +106,12 @@ class RelayClient:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
             except (aiohttp.ClientError, OSError) as exc:
                 log.warning("the relay connection to %s failed mid-answer: %s", self.base, exc)
+                if response.content_type != "text/event-stream":
+                    return False  # a JSON answer cut short: the client's connection is closed unfinished
                 complete = False
-                if response.content_type == "text/event-stream":
-                    await send({"type": "http.response.body", "more_body": True, "body": error_event(
-                        api, "backend_error", f"{self.what} closed the stream before the answer was "
-                                              f"complete (it may have been restarted)")})
+                await send({"type": "http.response.body", "more_body": True, "body": error_event(
+                    api, "backend_error", f"{self.what} closed the stream before the answer was "
+                                          f"complete (it may have been restarted)")})
             await send({"type": "http.response.body", "body": b""})
         return complete
 

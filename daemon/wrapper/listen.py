@@ -34,8 +34,9 @@ from ..relay_protocol import CA_PATH
 
 log = logging.getLogger("mlxgate.wrapper")
 SOCKET_KEY = "mlxgate.socket"  # the client's connection, which the relay watches
-# A connection that sends nothing for this long (no handshake, no next request) is closed, so
-# idle or abandoned connections do not hold threads. Gateways drop their idle ones sooner
+# A connection that sends nothing for this long (no handshake, no next request), or takes
+# nothing we write for this long (a reader that stopped reading), is closed, so idle or
+# abandoned connections do not hold threads. Gateways drop their idle ones sooner
 # (`RelayClient`: 30 s), so a gateway never reuses a connection this side is closing.
 IDLE_SECONDS = 120.0
 

@@ -15,6 +15,7 @@ from typing import Sequence
 
 import psutil
 
+from ..config import SECRET_VARIABLES
 
 _ERROR_LINE = re.compile(r"^[\w.]*(Error|Exception|Exit)\b.*")
 
@@ -110,8 +111,8 @@ def launch(model_path: Path, port: int, log_path: Path, extra_args: Sequence[str
     log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {model_path} on port {port}\n".encode())
     log.flush()
     offset = log.tell()
-    # the gateway's own settings stay out (its API key, a database URL with its password)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLXGATE_")}
+    # the gateway's secrets stay out (its API key, a database URL with its password)
+    env = {k: v for k, v in os.environ.items() if k not in SECRET_VARIABLES}
     env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     command = [sys.executable, *entry, "--model", str(model_path),
                "--host", "127.0.0.1", "--port", str(port), *extra_args]

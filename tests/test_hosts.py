@@ -290,10 +290,12 @@ def test_killing_a_host_mid_load_costs_only_its_started_streams(cluster):
     d.start()
     timeline["restarted"] = time.monotonic()
 
-    def d_serves():
+    asked = iter(range(10_000))
+
+    def d_serves():  # new conversations each time: one conversation rightly stays on its host (c)
         places = []
-        threads = [threading.Thread(target=lambda: places.append(ask(front, "tiny-a", "again", max_tokens=32)[1]))
-                   for _ in range(8)]
+        threads = [threading.Thread(target=lambda n=next(asked): places.append(
+            ask(front, "tiny-a", f"again {n}", max_tokens=32)[1])) for _ in range(8)]
         for thread in threads:
             thread.start()
         for thread in threads:

@@ -66,6 +66,7 @@ def main() -> int:
     system, turns = sized_conversation(model, args.prefix)
     chat_history = [{"role": "system", "content": system}] + turns
     session = requests.Session()
+    timings: list[dict] = []
     try:
         def ask(i: int, path: str = "") -> list[dict]:
             # each path its own question: no request repeats another's prompt (an exact cache hit)
@@ -75,7 +76,8 @@ def main() -> int:
             "direct chat": lambda i: timed(session, direct.url + "/v1/chat/completions", {
                 "messages": chat_history + ask(i, "a"), "max_tokens": 1}, None, False),
             "mlxgate chat": lambda i: timed(session, gateway.url + "/v1/chat/completions", {
-                "model": "gpt-4o", "messages": chat_history + ask(i, "a"), "max_tokens": 1}, gateway.key, False),
+                "model": "gpt-4o", "messages": chat_history + ask(i, "a"), "max_tokens": 1}, gateway.key, False,
+                timings if i > 0 else None),
             "direct stream": lambda i: timed(session, direct.url + "/v1/chat/completions", {
                 "messages": chat_history + ask(i, "b"), "max_tokens": 1, "stream": True}, None, True),
             "mlxgate messages stream": lambda i: timed(session, gateway.url + "/v1/messages", {
@@ -106,6 +108,11 @@ def main() -> int:
             d50, g50 = median(ms[d]), median(ms[g])
             print(f"| {case} | {d50:.1f} | {g50:.1f} | {percentile(ms[g], 0.95):.1f} | {g50 - d50:+.1f} | "
                   f"{g50 / d50:.2f}x |")
+        if timings:  # the relay's Server-Timing on the chat turns: where the added time goes
+            part = {name: median([t[name] for t in timings]) for name in timings[0]}
+            print(f"\nmlxgate chat turns, medians: relay {part['relay']:.2f} ms = counting {part['count']:.2f} + "
+                  f"waiting {part['wait']:.2f} + model server {part['model']:.2f}; the client saw "
+                  f"{part['client']:.2f} (proxy and the hops: {part['client'] - part['relay']:.2f})")
     finally:
         gateway.stop()
         direct.stop()

@@ -173,16 +173,23 @@ def first_delta(line: bytes) -> bool:
     return False
 
 
-def timed(session: requests.Session, url: str, body: dict, key: str | None, stream: bool) -> float:
+def timed(session: requests.Session, url: str, body: dict, key: str | None, stream: bool,
+          timings: list | None = None) -> float:
     """Milliseconds to the whole answer, or for a stream to its first content delta (the
-    rest is read too, so the connection and the server are ready for the next request)."""
+    rest is read too, so the connection and the server are ready for the next request).
+    `timings` gets the relay's `Server-Timing` of a JSON answer, as {name: ms}."""
     started = time.perf_counter()
     response = session.post(url, json=body, headers=headers(key), stream=stream, timeout=300)
     if response.status_code != 200:
         raise SystemExit(f"{url}: HTTP {response.status_code}: {response.text[:300]}")
     if not stream:
         response.content
-        return (time.perf_counter() - started) * 1000
+        elapsed = (time.perf_counter() - started) * 1000
+        if timings is not None and "server-timing" in response.headers:
+            timings.append({name.strip(): float(value.removeprefix("dur=")) for name, value in
+                            (part.split(";") for part in response.headers["server-timing"].split(","))} |
+                           {"client": elapsed})
+        return elapsed
     first = None
     for line in response.iter_lines(chunk_size=None):
         if first is None and first_delta(line):

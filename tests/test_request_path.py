@@ -114,6 +114,19 @@ def test_a_local_request_runs_each_hook_once(gw):
         assert hook_calls(gw, before) == once(route, model)
 
 
+def test_an_answer_says_where_the_relay_spent_its_time(gw):
+    """`Server-Timing` on a JSON answer, through the proxy: counting the prompt, waiting, the
+    model server's call, and the relay's whole time (milliseconds), for both APIs."""
+    for raw in (gpt(gw).chat.completions.with_raw_response.create(model="gpt-4o", max_tokens=3, messages=PROMPT),
+                claude(gw).messages.with_raw_response.create(model="claude-opus-4-8", max_tokens=3,
+                                                             messages=PROMPT)):
+        timing = {name: float(duration.removeprefix("dur="))
+                  for name, duration in (part.strip().split(";") for part in raw.headers["server-timing"].split(","))}
+        assert set(timing) == {"count", "wait", "model", "relay"}
+        assert timing["count"] > 0 and timing["model"] > 0 and all(ms >= 0 for ms in timing.values())
+        assert timing["relay"] >= timing["count"] + timing["model"] - 0.05  # the parts fit in the whole
+
+
 def test_a_litellm_deployment_answers_through_litellm_and_the_hooks_run_once(gw, upstream):
     """The deployments are another mlxgate: what a cloud provider or another host would be."""
     before, answered = len(hook_calls(gw)), upstream.served()

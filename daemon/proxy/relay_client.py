@@ -22,7 +22,8 @@ from ..relay_protocol import MODEL_HEADER, relay_path
 
 log = logging.getLogger("mlxgate.proxy")
 
-PASSED_HEADERS = ("content-type", "content-length", "cache-control", "retry-after", "x-should-retry")
+PASSED_HEADERS = ("content-type", "content-length", "cache-control", "retry-after", "x-should-retry",
+                  "server-timing")
 
 
 class RelayClient:

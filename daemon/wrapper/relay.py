@@ -117,9 +117,11 @@ class Relay:
     def _model(self, role: str) -> LocalModel:
         return self.fleet.model(role, request.headers.get(paths.MODEL_HEADER))
 
-    def _fit_context(self, model: LocalModel, chat: dict, api: str) -> int:
+    def _fit_context(self, tally: Tally, model: LocalModel, chat: dict, api: str) -> int:
         """The prompt's tokens; 400 when it does not fit the window, `max_tokens` lowered to what does."""
+        started = time.perf_counter()
         count = tokens.count_chat(model.path, chat)
+        tally.counting_ms = (time.perf_counter() - started) * 1000
         limit = context_length(model.path)
         if limit:
             if count >= limit:
@@ -216,7 +218,8 @@ class Relay:
         if failure is not None:
             return self._refuse(job.tally, api, failure)
         self._done(job.tally)
-        return Response(dump(answer), mimetype="application/json")
+        return Response(dump(answer), mimetype="application/json",
+                        headers={"Server-Timing": job.tally.server_timing()})
 
     def _stream(self, api: str, job: Job, produce: Iterator[bytes],
                 failure: Callable[[str, str], bytes] | None = None) -> Response:
@@ -256,7 +259,7 @@ class Relay:
             chat = to_chat(body)
             tally.record.stream = chat.stream
             model = self._model(role)
-            input_tokens = self._fit_context(model, chat.body, ANTHROPIC)
+            input_tokens = self._fit_context(tally, model, chat.body, ANTHROPIC)
             job = self._join(server, "messages", model, chat.body, paths.CHAT, tally)
         except MlxgateError as exc:
             return self._refuse(tally, ANTHROPIC, exc)
@@ -321,7 +324,7 @@ class Relay:
             upstream.update(stream=True, stream_options={"include_usage": True})
             model = self._model(role)
             if chat:
-                self._fit_context(model, upstream, OPENAI)
+                self._fit_context(tally, model, upstream, OPENAI)
             job = self._join(server, kind, model, upstream, paths.CHAT if chat else paths.COMPLETIONS, tally)
         except MlxgateError as exc:
             return self._refuse(tally, OPENAI, exc)
@@ -352,7 +355,7 @@ class Relay:
             server = self._server(role)
             translated, earlier, model = self._responses_request(role, _json_body())
             tally.record.stream = translated.stream
-            input_tokens = self._fit_context(model, translated.chat, RESPONSES)
+            input_tokens = self._fit_context(tally, model, translated.chat, RESPONSES)
             job = self._join(server, "responses", model, translated.chat, paths.CHAT, tally)
         except MlxgateError as exc:
             return self._refuse(tally, RESPONSES, exc)

@@ -16,6 +16,7 @@ class Tally:
         self.started = time.perf_counter()
         self.first: float | None = None
         self.generating: float | None = None
+        self.counting_ms = 0.0
 
     def chunk(self, chunk: dict) -> None:
         """A chunk from the model server: the first content, and the usage at the end."""
@@ -37,6 +38,16 @@ class Tally:
         self.record.error = kind
         if status is not None or explicit is not None:
             self.record.status = status if status is not None else explicit
+
+    def server_timing(self) -> str:
+        """Where the relay's time went, as a `Server-Timing` header: counting the prompt, waiting
+        (for a turn, a load, and the relay's own work before the call), the model server's call,
+        and the relay's whole time; milliseconds."""
+        now = time.perf_counter()
+        generating = self.generating if self.generating is not None else now
+        parts = (("count", self.counting_ms), ("wait", (generating - self.started) * 1000 - self.counting_ms),
+                 ("model", (now - generating) * 1000), ("relay", (now - self.started) * 1000))
+        return ", ".join(f"{name};dur={max(ms, 0.0):.2f}" for name, ms in parts)
 
     def finish(self) -> Record:
         now = time.perf_counter()

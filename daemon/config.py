@@ -18,7 +18,7 @@ import yaml
 
 from . import PROJECT_ROOT
 from .errors import ConfigError
-from .hosts.entries import HostEntry, parse_hosts
+from .hosts.entries import parse_hosts
 
 DEFAULT_CONFIG = PROJECT_ROOT / "config" / "gateway.yaml"
 DEFAULT_HOME = Path("~/.mlxgate")
@@ -164,10 +164,6 @@ def _listen(value: Any) -> str | None:
     if address is not None:
         _host(address)
     return address
-
-
-def _hosts(value: Any) -> tuple[HostEntry, ...]:
-    return parse_hosts(value)
 
 
 DISTRIBUTED_BACKENDS = ("ring", "jaccl", "mpi")
@@ -345,7 +341,7 @@ SETTINGS: tuple[Setting, ...] = (
             "certificate carries it); none: the relay serves loopback only.", "192.168.1.20"),
     Setting("listen_port", _port, 11434, "MLXGATE_LISTEN_PORT",
             "Port of the relay's TLS listener on the listen address.", "11434"),
-    Setting("hosts", _hosts, [], None,
+    Setting("hosts", parse_hosts, [], None,
             "Other mlxgate machines requests may go to, each {name, url, ca_sha256}; "
             "`mlxgate hosts add` writes them.",
             "[{name: studio, url: 'https://192.168.1.20:11434', ca_sha256: 9f86d0...}]"),

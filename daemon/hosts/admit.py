@@ -13,18 +13,18 @@ from ..private_files import write_private
 from .entries import HostEntry, check_name, check_url, normal_fingerprint, shown_fingerprint, write_hosts
 from .pinning import HostDown, HostRefused, fetch_authority, fingerprint, get_json, pinned_context, read_key, \
     verifying_context
+from .view import weights_by_name
 
 
 def known_models(config: Config) -> dict[str, dict[str, str]]:
     """Weights digests by model name, by place: this machine and every configured host that answers."""
-
     places = {"this machine": {m.name: weights_digest(m.path) for m in for_config(config).list()}}
     for entry in config.hosts:
         try:
             answer = get_json(entry.url, "/models", read_key(entry, config.home), pinned_context(entry, config.home))
         except HostRefused:
             continue  # a host that is away now is checked against the new one when it is added again
-        places[f"host {entry.name}"] = {row["name"]: row.get("weights") for row in answer.get("models") or []}
+        places[f"host {entry.name}"] = weights_by_name(answer)
     return places
 
 
@@ -57,7 +57,7 @@ def add(config: Config, name: str, url: str, key: str, confirm: Callable[[str], 
                      f"(`mlxgate status` on that machine prints it). Trust it"):
         raise HostRefused("not added: the fingerprint was not confirmed")
     answer = get_json(url, "/models", key, verifying_context(pem))
-    theirs = {row["name"]: row.get("weights") for row in answer.get("models") or []}
+    theirs = weights_by_name(answer)
     clashes = conflicts(theirs, known_models(config))
     if clashes:
         raise HostRefused(f"host {name} has models whose names mean other models here: {', '.join(clashes)}. "

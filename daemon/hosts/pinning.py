@@ -22,7 +22,6 @@ from ..relay_protocol import CA_PATH
 from .entries import HostEntry, shown_fingerprint
 
 
-
 class HostRefused(MlxgateError):
     """A host cannot be trusted or used as configured."""
 

@@ -146,17 +146,14 @@ class _Strategy:
         router = self.chooser.router
         request_kwargs = request_kwargs if request_kwargs is not None else {}
         model_name, role = model.rsplit("@", 1)
-        healthy = await router.async_get_healthy_deployments(model=model, request_kwargs=dict(request_kwargs))
-        healthy = [healthy] if isinstance(healthy, dict) else list(healthy)
+        healthy = await _healthy(router, model, dict(request_kwargs))
         if len(healthy) == 1 and request_kwargs.get("metadata", {}).get("session_id"):
-            everyone = await router.async_get_healthy_deployments(model=model, request_kwargs={"metadata": {}})
-            everyone = [everyone] if isinstance(everyone, dict) else list(everyone)
+            everyone = await _healthy(router, model, {"metadata": {}})
             others = [d for d in everyone if host_of(d) != host_of(healthy[0])]
             if self.chooser.keeps_conversation(healthy[0], others, model_name, role):
                 healthy = [healthy[0], *self.chooser.rank(others, model_name, role)]  # the rest: retries
             else:
-                healthy = everyone
-                healthy = self.chooser.rank(healthy, model_name, role)
+                healthy = self.chooser.rank(everyone, model_name, role)
             request_kwargs[ORDER] = healthy
             return healthy[0] if healthy else None
         ranked = self.chooser.rank(healthy, model_name, role)
@@ -165,3 +162,10 @@ class _Strategy:
 
     def get_available_deployment(self, *args, **kwargs):
         raise NotImplementedError("mlxgate chooses asynchronously")
+
+
+async def _healthy(router, model: str, request_kwargs: dict) -> list[dict]:
+    """The Router's healthy deployments of `model` (its pre-call checks applied) as a list:
+    it answers one deployment alone as a dict."""
+    found = await router.async_get_healthy_deployments(model=model, request_kwargs=request_kwargs)
+    return [found] if isinstance(found, dict) else list(found)

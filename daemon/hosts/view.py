@@ -13,6 +13,11 @@ from dataclasses import dataclass, field
 READY_OR_LOADING = ("ready", "starting")
 
 
+def weights_by_name(answer: dict) -> dict[str, str | None]:
+    """A place's `GET /models` answer as model name -> weights digest."""
+    return {row["name"]: row.get("weights") for row in answer.get("models") or []}
+
+
 @dataclass
 class HostView:
     name: str
@@ -26,7 +31,7 @@ class HostView:
 
     def read(self, answer: dict, now: float | None = None) -> None:
         """Take a `GET /models` answer."""
-        self.models = {row["name"]: row.get("weights") for row in answer.get("models") or []}
+        self.models = weights_by_name(answer)
         self.servers = dict(answer.get("servers") or {})
         self.reachable, self.error, self.checked = True, None, now or time.time()
 

@@ -12,6 +12,7 @@ an HttpOnly cookie holding it.
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 import time
@@ -22,14 +23,11 @@ STATIC_FILES = {"uPlot.iife.min.js": "application/javascript", "uPlot.min.css": 
 COOKIE = "mlxgate_key"
 REFRESH_SECONDS = 5
 
-_static: dict[str, bytes] = {}
 
-
+@functools.lru_cache(maxsize=len(STATIC_FILES))
 def static_file(name: str) -> bytes:
     """A vendored file, read from the package once."""
-    if name not in _static:
-        _static[name] = (STATIC / name).read_bytes()
-    return _static[name]
+    return (STATIC / name).read_bytes()
 
 
 STYLE = """

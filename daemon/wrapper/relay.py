@@ -53,6 +53,7 @@ from ..responses.store import ResponseStore
 from . import tokens
 from .admission import Ticket
 from .fleet import Fleet
+from .listen import SOCKET_KEY  # the client connection of a request that came over the host listener
 from .model_server import ModelServer
 from .recorder import Recorder
 from .tally import Tally
@@ -138,7 +139,7 @@ class Relay:
               tally: Tally) -> Job:
         tally.record.served_model = model.name
         ticket = server.admission.join(route, model)
-        client = request.environ.get("gunicorn.socket") or request.environ.get("mlxgate.socket")  # see `listen`
+        client = request.environ.get("gunicorn.socket") or request.environ.get(SOCKET_KEY)
         return Job(server, ticket, body, path, client, tally)
 
     # ------------------------------------------------------------------ turn and generation
@@ -211,8 +212,7 @@ class Relay:
             failure = exc
         except Exception as exc:  # a bug: the client gets a 500 without its text, the log the traceback
             log.exception("%s: the answer failed", job.server.role)
-            failure = BackendError(f"the answer failed ({type(exc).__name__}); `mlxgate logs wrapper` has the "
-                                   f"traceback")
+            failure = _unexpected(exc)
         finally:
             job.server.admission.release(job.ticket)
         if failure is not None:
@@ -241,8 +241,7 @@ class Relay:
                 raise
             except Exception as exc:  # a bug: end the stream in the API's shape, the log has the traceback
                 log.exception("%s stream failed", job.server.role)
-                failed = BackendError(f"the answer failed ({type(exc).__name__}); `mlxgate logs wrapper` has the "
-                                      f"traceback")
+                failed = _unexpected(exc)
                 job.tally.failed(failed)
                 yield (failure or partial(error_event, api))("backend_error", str(failed))
             finally:
@@ -451,6 +450,11 @@ def _in_background(call: Callable[[], object]) -> Callable[[], bool]:
             raise outcome["error"]
         return True
     return done
+
+
+def _unexpected(exc: Exception) -> BackendError:
+    """What the client is told of a failure that is a bug: its kind, never its text."""
+    return BackendError(f"the answer failed ({type(exc).__name__}); `mlxgate logs wrapper` has the traceback")
 
 
 def _json_body() -> dict:

@@ -36,6 +36,7 @@ class Upstream:
         self.last_data = time.monotonic()
         self.status = 0
         payload = dump(body)
+        self.sock: socket.socket | None = None
         try:
             self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
             self.sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
@@ -43,9 +44,9 @@ class Upstream:
                               f"Connection: close\r\n\r\n".encode() + payload)
             self.sock.settimeout(None)
         except OSError as exc:
-            if getattr(self, "sock", None) is not None:
+            if self.sock is not None:
                 self.sock.close()
-            self.sock = None
+                self.sock = None
             raise BackendError(f"the model server on port {port} did not answer: {exc}") from None
 
     def _fill(self, ticket: Ticket) -> bool:

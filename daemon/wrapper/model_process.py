@@ -20,6 +20,12 @@ yet text, or for a non-streamed request, it generates to `max_tokens` for nobody
 `stop_when_client_goes` closes that gap: every quarter second of generation the
 request's own socket is checked, and a closed one stops that request's generation (the
 others in the same batch go on).
+
+`mlx_lm.server`'s generation loop looks for new requests only between half-second spells
+of batch steps: a request that arrives while others generate waits up to 0.5 s before it
+joins their batch, and a lone first request runs alone that long, so clients that arrive a
+few milliseconds apart are not batched (8 clients × 256 tokens: ~1,950 tokens/s instead of
+~2,750). `join_batch_sooner` makes it look every `JOIN_EVERY` seconds.
 """
 
 import hmac
@@ -34,6 +40,7 @@ from typing import Callable
 from mlxgate.net import peer_closed
 
 CHECK_EVERY = 0.25
+JOIN_EVERY = 0.02  # seconds of batch steps between looks for new requests (mlx_lm.server: 0.5)
 DEFAULT = "default_model"  # mlx_lm.server's name for the model given on its command line
 
 
@@ -133,12 +140,28 @@ def stop_when_client_goes(server) -> None:
     handler.do_POST, generator.generate = do_POST, generate
 
 
+def join_batch_sooner(server) -> None:
+    """New requests join the running batch within `JOIN_EVERY` seconds. One look costs a
+    queue read (nothing measurable on one client); ranks of a distributed group keep
+    mlx_lm's spell, since each look there is a collective across the machines."""
+    budget = server.TimeBudget
+    original = budget.__init__
+
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if not getattr(self, "_is_distributed", True) and hasattr(self, "_budget"):
+            self._budget = JOIN_EVERY
+
+    budget.__init__ = __init__
+
+
 def main() -> None:
     secret = read_secret()
     on_parent_exit(_die)
     import mlx_lm.server as server
 
     stop_when_client_goes(server)
+    join_batch_sooner(server)
     admit_only_the_relay(server, secret)  # outermost: nothing runs for a request without the secret
     sys.argv = ["mlx_lm.server", *sys.argv[1:]]
     server.main()

@@ -3,6 +3,8 @@ goes and what it carries besides the client's own body."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 # Names the local model that must answer (the hooks decided it); absent: the one serving.
 MODEL_HEADER = "x-mlxgate-model"
 # The model name the client asked for, for the usage record.
@@ -28,3 +30,16 @@ STORED_RESPONSES = "/responses"
 
 def relay_path(server: str, api_path: str) -> str:
     return f"/backends/{server}{api_path}"
+
+
+# The relay's local door: a Unix socket in the runtime folder (see `wrapper.doors`). Its
+# path must fit a socket address: 104 bytes with the terminating NUL on macOS (108 on Linux).
+DOOR_NAME = "relay.sock"
+MAX_SOCKET_PATH = 103
+
+
+def door_path(home: Path) -> Path | None:
+    """Where the proxies reach the relay on this machine; None when the runtime folder's path
+    is too long for a socket (then they use the management port, `wrapper_url`)."""
+    path = Path(home) / DOOR_NAME
+    return path if len(str(path).encode()) <= MAX_SOCKET_PATH else None

@@ -108,15 +108,15 @@ def test_the_host_listener_keeps_a_connection_for_the_next_request_and_closes_id
     import time
 
     from mlxgate.certs import CA_CERT, listener_context
-    from mlxgate.wrapper import listen
+    from mlxgate.wrapper import doors
 
-    monkeypatch.setattr(listen._Handler, "timeout", 0.5)
+    monkeypatch.setattr(doors._Handler, "timeout", 0.5)
     context = listener_context(tmp_path, "127.0.0.1")
 
     def app(environ, start_response):
         start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
         return [b"ok"]
-    server = listen._Server(("127.0.0.1", 0), app, context, b"", 1024)
+    server = doors._ListenServer(("127.0.0.1", 0), app, context, b"", 1024)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     port = server.server_address[1]
     client = ssl.create_default_context(cafile=str(tmp_path / CA_CERT))

@@ -16,12 +16,15 @@ import contextlib
 import json
 import os
 import signal
+import stat
+import subprocess
 import threading
 import time
 
 import anthropic
 import httpx
 import openai
+import psutil
 import pytest
 import yaml
 
@@ -127,6 +130,38 @@ def test_an_answer_says_where_the_relay_spent_its_time(gw):
         assert set(timing) == {"count", "wait", "model", "relay"}
         assert timing["count"] > 0 and timing["model"] > 0 and all(ms >= 0 for ms in timing.values())
         assert timing["relay"] >= timing["count"] + timing["model"] - 0.05  # the parts fit in the whole
+
+
+def test_the_proxy_hands_requests_to_the_relay_at_its_door_which_needs_the_key(gw):
+    """The relay's local door: a Unix socket only this user may open, where the proxy keeps
+    its connections; curl through it gets the relay's answers, streams included, and
+    nothing without the key."""
+    door = gw.home / "relay.sock"
+    assert stat.S_IMODE(door.stat().st_mode) == 0o600
+    assert gpt(gw).chat.completions.create(model="gpt-4o", max_tokens=1, messages=PROMPT).usage.completion_tokens == 1
+    wrapper = psutil.Process(gw.program_pids()["wrapper"])
+    at_door = [c for p in (wrapper, *wrapper.children(recursive=True)) for c in p.net_connections(kind="unix")
+               if c.laddr == str(door)]
+    assert len(at_door) >= 2, "the door listens, and holds the proxy's connection"
+
+    def curl(path: str, body: dict, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["curl", "-sS", "-N", "--unix-socket", str(door), f"http://relay{path}",
+                               "-H", "content-type: application/json", "-d", json.dumps(body), *extra],
+                              capture_output=True, text=True, timeout=120)
+    key = ("-H", f"Authorization: Bearer {gw.api_key}")
+    chat = {"messages": PROMPT, "max_tokens": 2}
+    answer = json.loads(curl("/backends/dynamic/v1/chat/completions", chat, *key).stdout)
+    assert answer["usage"]["completion_tokens"] == 2
+    streamed = curl("/backends/dynamic/v1/messages", {**chat, "stream": True}, *key).stdout
+    assert "event: content_block_delta" in streamed and streamed.endswith('data: {"type":"message_stop"}\n\n')
+    delta = streamed.split("event: message_delta\ndata: ")[1].split("\n")[0]
+    assert json.loads(delta)["usage"]["output_tokens"] == 2
+    refused = json.loads(curl("/backends/dynamic/v1/chat/completions", chat).stdout)
+    assert refused["error"]["code"] == "invalid_api_key" and "API key" in refused["error"]["message"]
+    refused = json.loads(curl("/backends/dynamic/v1/messages", chat).stdout)
+    assert refused["type"] == "error" and refused["error"]["type"] == "authentication_error"
+    missing = json.loads(curl("/backends/nowhere/v1/chat/completions", chat, *key).stdout)
+    assert "no model server named 'nowhere'" in missing["error"]["message"]
 
 
 def test_a_litellm_deployment_answers_through_litellm_and_the_hooks_run_once(gw, upstream):

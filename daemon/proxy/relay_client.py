@@ -18,7 +18,7 @@ from ..api_errors import RESPONSES, error_event
 from ..config import Config
 from ..errors import Unavailable
 from ..json_body import dump
-from ..relay_protocol import MODEL_HEADER, relay_path
+from ..relay_protocol import MODEL_HEADER, door_path, relay_path
 
 log = logging.getLogger("mlxgate.proxy")
 
@@ -29,9 +29,12 @@ PASSED_HEADERS = ("content-type", "content-length", "cache-control", "retry-afte
 class RelayClient:
     def __init__(self, config: Config | None = None, *, base: str | None = None, key: str | None = None,
                  ssl=None, what: str | None = None):
-        """This machine's relay (`config`), or another host's (`base`, its `key`, the TLS
-        context that trusts its pinned authority, `what` it is called in messages)."""
-        self.base = base or config.wrapper_url
+        """This machine's relay (`config`: at its local door, the Unix socket, when the
+        runtime folder has one), or another host's (`base`, its `key`, the TLS context that
+        trusts its pinned authority, `what` it is called in messages)."""
+        self.door = None if base else door_path(config.home)
+        self.base = "http://relay" if self.door else base or config.wrapper_url
+        self.where = str(self.door) if self.door else self.base  # for messages
         key = key if base else config.api_key
         self.what = what or "the MLX wrapper"
         self.ssl = ssl
@@ -42,10 +45,13 @@ class RelayClient:
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30,
-                                               **({"ssl": self.ssl} if self.ssl is not None else {})),
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10), auto_decompress=False)
+            if self.door is not None:
+                connector = aiohttp.UnixConnector(str(self.door), limit=0, keepalive_timeout=30)
+            else:
+                connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30,
+                                                 **({"ssl": self.ssl} if self.ssl is not None else {}))
+            self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                                  timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
         return self._session
 
     async def get_json(self, path: str, timeout: float | None = None) -> dict:
@@ -62,7 +68,7 @@ class RelayClient:
                 response.raise_for_status()
                 return await (response.json() if json else response.read())
         except (aiohttp.ClientError, OSError, ValueError, TimeoutError) as exc:
-            raise Unavailable(f"{self.what} at {self.base} did not answer ({type(exc).__name__}). "
+            raise Unavailable(f"{self.what} at {self.where} did not answer ({type(exc).__name__}). "
                               f"Check `mlxgate status`.") from None
 
     async def post_bytes(self, path: str, data: bytes, timeout: float = 10.0) -> None:
@@ -91,7 +97,7 @@ class RelayClient:
             return await self._client().request(method, self.base + path, data=body,
                                                 headers={**self.headers, **headers})
         except (aiohttp.ClientError, OSError) as exc:
-            raise Unavailable(f"{self.what} is not running at {self.base} ({type(exc).__name__}), so no "
+            raise Unavailable(f"{self.what} is not running at {self.where} ({type(exc).__name__}), so no "
                               f"local model can answer. Check `mlxgate status`.") from None
 
     async def pipe(self, response: aiohttp.ClientResponse, send, api: str) -> bool:
@@ -106,7 +112,7 @@ class RelayClient:
                 async for chunk in response.content.iter_any():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
             except (aiohttp.ClientError, OSError) as exc:
-                log.warning("the relay connection to %s failed mid-answer: %s", self.base, exc)
+                log.warning("the relay connection to %s failed mid-answer: %s", self.where, exc)
                 if response.content_type != "text/event-stream":
                     return False  # a JSON answer cut short: the client's connection is closed unfinished
                 complete = False

@@ -271,7 +271,7 @@ def prepare(config: Config, use_sudo: bool = False, say: Callable[[str], None] =
             https_conf.write_text(HTTPS_PROGRAM.replace("{root}", str(PROJECT_ROOT)))
         elif https_conf.exists():
             https_conf.unlink()
-        if config.listen:  # the relay's TLS listener for other gateways (see `wrapper.listen`)
+        if config.listen:  # the relay's TLS listener for other gateways (see `wrapper.doors`)
             from ..hosts.admit import listen_row
             from ..certs import listener_context
             listener_context(config.ssl_path, config.listen)

@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, abort, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from ..api_errors import ANTHROPIC, OPENAI, error_response, exception_response
-from ..credentials import credential, is_key
+from ..api_errors import OPENAI, error_response, exception_response
 from ..errors import MlxgateError, invalid
 from ..json_body import parse_object
+from ..relay_protocol import STORED_RESPONSES
 from ..usage import Record
+from . import access
+from .exchange import Call
 from .fleet import Fleet
 from .metrics import Metrics
 from .recorder import Recorder
-from .relay import register as register_relay
+from .relay import Relay, api_of
 
 log = logging.getLogger("mlxgate.wrapper")
 
@@ -32,17 +34,14 @@ HTTP_KINDS = {401: "authentication", 404: "not_found", 405: "invalid_request", 4
 
 
 def _api() -> str:
-    path = request.path
-    if path.startswith("/backends/") and "/v1/messages" in path:
-        return ANTHROPIC
-    return OPENAI
+    return api_of(request.path)
 
 
 def _reply(status: int, headers: list, body: bytes) -> Response:
     return Response(body, status=status, headers=headers)
 
 
-def create_app(fleet: Fleet, api_key: str | None = None, metrics: Metrics | None = None,
+def create_app(fleet: Fleet, relay: Relay, api_key: str | None = None, metrics: Metrics | None = None,
                recorder: Recorder | None = None) -> Flask:
     app = Flask("mlxgate.wrapper")
     app.config["MAX_CONTENT_LENGTH"] = fleet.config.max_body
@@ -58,13 +57,8 @@ def create_app(fleet: Fleet, api_key: str | None = None, metrics: Metrics | None
 
     @app.before_request
     def require_key():
-        if not api_key or request.path == "/health":
-            return None
-        if not is_key(credential(request.headers), api_key):
-            return _reply(*error_response(_api(), "authentication",
-                                          "missing or wrong API key: send `Authorization: Bearer <key>` (the key "
-                                          "is MLXGATE_API_KEY or the api_key file in the runtime folder)"))
-        return None
+        refused = access.refusal(api_key, request.path, request.headers, _api())
+        return _reply(*refused) if refused else None
 
     def body() -> dict:
         try:
@@ -100,7 +94,16 @@ def create_app(fleet: Fleet, api_key: str | None = None, metrics: Metrics | None
         data = body() if request.content_length else {}
         return jsonify(fleet.unload(role_of(data)))
 
-    register_relay(app, fleet, recorder)
+    def relay_route(**_) -> Response:
+        """The relay's routes on this port (its doors answer them without Flask, see `doors`)."""
+        answer = relay.route(Call(request.method, request.path, request.headers, request.get_data(cache=True),
+                                  request.args, request.environ.get("gunicorn.socket")))
+        if answer is None:
+            abort(404)
+        return Response(answer.body, status=answer.status, headers=answer.headers)
+
+    app.add_url_rule("/backends/<path:rest>", "relay", relay_route, methods=["POST"])
+    app.add_url_rule(f"{STORED_RESPONSES}/<path:rest>", "stored_responses", relay_route, methods=["GET", "DELETE"])
 
     @app.get("/metrics")
     def prometheus():

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import socket
 import threading
 import time
@@ -35,10 +36,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Iterator
 
-from flask import Flask, Response, request, stream_with_context
-
 from .. import relay_protocol as paths
-from ..api_errors import ANTHROPIC, OPENAI, RESPONSES, error_event, exception_response, kind_of
+from ..api_errors import ANTHROPIC, OPENAI, RESPONSES, error_event, error_response, exception_response, kind_of
 from ..catalog import LocalModel, context_length
 from ..errors import BackendError, MlxgateError, RequestRejected, Unavailable
 from ..json_body import dump, parse_object
@@ -52,8 +51,8 @@ from ..responses.request import ResponsesRequest, response_object, to_chat as re
 from ..responses.store import ResponseStore
 from . import tokens
 from .admission import Ticket
+from .exchange import Answer, Call
 from .fleet import Fleet
-from .listen import SOCKET_KEY  # the client connection of a request that came over the host listener
 from .model_server import ModelServer
 from .recorder import Recorder
 from .tally import Tally
@@ -64,6 +63,14 @@ log = logging.getLogger("mlxgate.relay")
 PING_EVERY = 10.0
 SWITCH_RETRIES = 10
 SERVER_SIDE_KEYS = ("model", "adapters", "draft_model")  # the model server serves its own model only
+BACKEND_PATH = re.compile(r"/backends/([^/]+)(/v1/[a-z_/]+)")
+STORED_PATH = re.compile(paths.STORED_RESPONSES + r"/([^/]+)(/input_items)?")
+JSON = ("content-type", "application/json")
+
+
+def api_of(path: str) -> str:
+    """Whose error shape a relay path answers in (Anthropic's for /v1/messages...)."""
+    return ANTHROPIC if path.startswith("/backends/") and "/v1/messages" in path else OPENAI
 
 
 @dataclass
@@ -84,25 +91,62 @@ class Relay:
         self.fleet = fleet
         self.recorder = recorder
         self.store = store or ResponseStore(fleet.config.home / "responses")
+        self._api_routes: dict[str, Callable[[Call, str], Answer]] = {
+            paths.MESSAGES: self.messages, paths.COUNT_TOKENS: self.count_tokens,
+            paths.CHAT: lambda call, role: self.openai(call, role, "chat"),
+            paths.COMPLETIONS: lambda call, role: self.openai(call, role, "completions"),
+            paths.RESPONSES: self.responses, paths.RESPONSE_INPUT_TOKENS: self.response_input_tokens}
+
+    # ------------------------------------------------------------------ routing
+    def route(self, call: Call) -> Answer | None:
+        """The relay's answer to `call`; None when its path is not one of the relay's."""
+        backend = BACKEND_PATH.fullmatch(call.path)
+        stored = None if backend else STORED_PATH.fullmatch(call.path)
+        if backend is not None:
+            role, api_path = backend.groups()
+            handle = self._api_routes.get(api_path)
+            allowed = ("POST",)
+            run = lambda: handle(call, role)  # noqa: E731
+        elif stored is not None:
+            response_id, items = stored.groups()
+            handle = self.stored_input_items if items else self.stored
+            allowed = ("GET",) if items else ("GET", "DELETE")
+            run = lambda: handle(call, response_id)  # noqa: E731
+        else:
+            return None
+        if handle is None:
+            return None
+        api = api_of(call.path)
+        if call.method not in allowed:
+            return Answer(*error_response(api, "invalid_request", f"{call.method} is not allowed on {call.path}; "
+                                                                  f"use {' or '.join(allowed)}", 405))
+        try:
+            return run()
+        except MlxgateError as exc:
+            log.warning("%s %s: %s", call.method, call.path, exc)
+            return Answer(*exception_response(api, exc))
+        except Exception as exc:  # a bug: the log has the traceback, the client its kind
+            log.exception("unexpected error in %s %s", call.method, call.path)
+            return Answer(*error_response(api, "api_error", str(_unexpected(exc))))
 
     # ------------------------------------------------------------------ the record of each request
-    def _tally(self, api: str, route: str, role: str) -> Tally:
-        detail = request.get_data(as_text=True)[:20000] if self.fleet.config.detailed_debug else ""
-        tally = Tally(api, route, request.headers, role, detail)
-        tally.record.requested_model = request.headers.get(paths.REQUESTED_HEADER, "")
+    def _tally(self, call: Call, api: str, route: str, role: str) -> Tally:
+        detail = call.body.decode("utf-8", "replace")[:20000] if self.fleet.config.detailed_debug else ""
+        tally = Tally(api, route, call.headers, role, detail)
+        tally.record.requested_model = call.headers.get(paths.REQUESTED_HEADER, "")
         return tally
 
     def _done(self, tally: Tally) -> None:
         if self.recorder is not None:
             self.recorder.add(tally.finish())
 
-    def _refuse(self, tally: Tally, api: str, exc: BaseException) -> Response:
+    def _refuse(self, tally: Tally, api: str, exc: BaseException) -> Answer:
         """The error answer for `exc`, recorded."""
-        status, headers, body = exception_response(api, exc)
-        tally.failed(exc, status)
+        answer = Answer(*exception_response(api, exc))
+        tally.failed(exc, answer.status)
         tally.record.cancelled = isinstance(exc, ClientGone)
         self._done(tally)
-        return Response(body, status=status, headers=headers)
+        return answer
 
     def _finish(self, job: Job) -> None:
         job.server.admission.release(job.ticket)
@@ -115,8 +159,8 @@ class Relay:
                                   f"{', '.join(self.fleet.servers)}", "not_found")
         return self.fleet.servers[role]
 
-    def _model(self, role: str) -> LocalModel:
-        return self.fleet.model(role, request.headers.get(paths.MODEL_HEADER))
+    def _model(self, call: Call, role: str) -> LocalModel:
+        return self.fleet.model(role, call.headers.get(paths.MODEL_HEADER))
 
     def _fit_context(self, tally: Tally, model: LocalModel, chat: dict, api: str) -> int:
         """The prompt's tokens; 400 when it does not fit the window, `max_tokens` lowered to what does."""
@@ -135,12 +179,11 @@ class Relay:
                 chat["max_tokens"] = limit - count
         return count
 
-    def _join(self, server: ModelServer, route: str, model: LocalModel, body: dict, path: str,
+    def _join(self, call: Call, server: ModelServer, route: str, model: LocalModel, body: dict, path: str,
               tally: Tally) -> Job:
         tally.record.served_model = model.name
         ticket = server.admission.join(route, model)
-        client = request.environ.get("gunicorn.socket") or request.environ.get(SOCKET_KEY)
-        return Job(server, ticket, body, path, client, tally)
+        return Job(server, ticket, body, path, call.client, tally)
 
     # ------------------------------------------------------------------ turn and generation
     def _turn(self, job: Job) -> Iterator[None]:
@@ -200,7 +243,7 @@ class Relay:
             job.ticket.on_cancel(None)
             upstream.close()
 
-    def _answer(self, api: str, job: Job, build: Callable[[Iterator[dict | None]], dict]) -> Response:
+    def _answer(self, api: str, job: Job, build: Callable[[Iterator[dict | None]], dict]) -> Answer:
         """A non-streamed answer: wait, generate, build the JSON."""
         failure = None
         try:
@@ -218,11 +261,10 @@ class Relay:
         if failure is not None:
             return self._refuse(job.tally, api, failure)
         self._done(job.tally)
-        return Response(dump(answer), mimetype="application/json",
-                        headers={"Server-Timing": job.tally.server_timing()})
+        return Answer(200, [JSON, ("server-timing", job.tally.server_timing())], dump(answer))
 
     def _stream(self, api: str, job: Job, produce: Iterator[bytes],
-                failure: Callable[[str, str], bytes] | None = None) -> Response:
+                failure: Callable[[str, str], bytes] | None = None) -> Answer:
         """A streamed answer whose failures arrive as the API's own error event (`failure`
         of the kind and message, when the API's translation has its own), and whose place
         in the queue is given back however it ends."""
@@ -246,20 +288,19 @@ class Relay:
                 yield (failure or partial(error_event, api))("backend_error", str(failed))
             finally:
                 self._finish(job)
-        return Response(stream_with_context(guarded()), mimetype="text/event-stream",
-                        headers={"Cache-Control": "no-cache"})
+        return Answer(200, [("content-type", "text/event-stream"), ("cache-control", "no-cache")], guarded())
 
     # ------------------------------------------------------------------ Anthropic Messages
-    def messages(self, role: str) -> Response:
-        tally = self._tally(ANTHROPIC, "anthropic_messages", role)
+    def messages(self, call: Call, role: str) -> Answer:
+        tally = self._tally(call, ANTHROPIC, "anthropic_messages", role)
         try:
             server = self._server(role)
-            body = _json_body()
+            body = _json_body(call)
             chat = to_chat(body)
             tally.record.stream = chat.stream
-            model = self._model(role)
+            model = self._model(call, role)
             input_tokens = self._fit_context(tally, model, chat.body, ANTHROPIC)
-            job = self._join(server, "messages", model, chat.body, paths.CHAT, tally)
+            job = self._join(call, server, "messages", model, chat.body, paths.CHAT, tally)
         except MlxgateError as exc:
             return self._refuse(tally, ANTHROPIC, exc)
         translator = MessageTranslator(str(body.get("model") or model.name), input_tokens, chat.stop_sequences)
@@ -296,35 +337,35 @@ class Relay:
                     break
         yield b"".join(sse(n, d) for n, d in translator.finish())
 
-    def count_tokens(self, role: str) -> Response:
-        tally = self._tally(ANTHROPIC, "count_tokens", role)
+    def count_tokens(self, call: Call, role: str) -> Answer:
+        tally = self._tally(call, ANTHROPIC, "count_tokens", role)
         try:
             self._server(role)
-            chat = to_chat({"max_tokens": 1, **_json_body()})
-            model = self._model(role)
+            chat = to_chat({"max_tokens": 1, **_json_body(call)})
+            model = self._model(call, role)
             tally.record.served_model = model.name
             count = tokens.count_chat(model.path, chat.body)
         except MlxgateError as exc:
             return self._refuse(tally, ANTHROPIC, exc)
         self._done(tally)
-        return Response(json.dumps({"input_tokens": count}), mimetype="application/json")
+        return Answer(200, [JSON], json.dumps({"input_tokens": count}).encode())
 
     # ------------------------------------------------------------------ OpenAI
-    def openai(self, role: str, kind: str) -> Response:
+    def openai(self, call: Call, role: str, kind: str) -> Answer:
         chat = kind == "chat"
-        tally = self._tally(OPENAI, "chat_completions" if chat else "completions", role)
+        tally = self._tally(call, OPENAI, "chat_completions" if chat else "completions", role)
         try:
             server = self._server(role)
-            body = _json_body()
+            body = _json_body(call)
             (check_chat if chat else check_completion)(body)
             wants_stream = tally.record.stream = bool(body.get("stream"))
             wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             upstream = {k: v for k, v in body.items() if k not in SERVER_SIDE_KEYS}
             upstream.update(stream=True, stream_options={"include_usage": True})
-            model = self._model(role)
+            model = self._model(call, role)
             if chat:
                 self._fit_context(tally, model, upstream, OPENAI)
-            job = self._join(server, kind, model, upstream, paths.CHAT if chat else paths.COMPLETIONS, tally)
+            job = self._join(call, server, kind, model, upstream, paths.CHAT if chat else paths.COMPLETIONS, tally)
         except MlxgateError as exc:
             return self._refuse(tally, OPENAI, exc)
         if wants_stream:
@@ -343,19 +384,20 @@ class Relay:
         yield b"data: [DONE]\n\n"
 
     # ------------------------------------------------------------------ OpenAI Responses
-    def _responses_request(self, role: str, body: dict) -> tuple[ResponsesRequest, list[dict], LocalModel]:
+    def _responses_request(self, call: Call, role: str) -> tuple[ResponsesRequest, list[dict], LocalModel]:
         """The request translated, with the chain it continues, and the model that answers."""
+        body = _json_body(call)
         earlier = self.store.history(body.get("previous_response_id"))
-        return responses_to_chat(body, earlier), earlier, self._model(role)
+        return responses_to_chat(body, earlier), earlier, self._model(call, role)
 
-    def responses(self, role: str) -> Response:
-        tally = self._tally(OPENAI, "responses", role)
+    def responses(self, call: Call, role: str) -> Answer:
+        tally = self._tally(call, OPENAI, "responses", role)
         try:
             server = self._server(role)
-            translated, earlier, model = self._responses_request(role, _json_body())
+            translated, earlier, model = self._responses_request(call, role)
             tally.record.stream = translated.stream
             input_tokens = self._fit_context(tally, model, translated.chat, RESPONSES)
-            job = self._join(server, "responses", model, translated.chat, paths.CHAT, tally)
+            job = self._join(call, server, "responses", model, translated.chat, paths.CHAT, tally)
         except MlxgateError as exc:
             return self._refuse(tally, RESPONSES, exc)
         response = response_object(translated)
@@ -399,33 +441,32 @@ class Relay:
         keep()  # before the last event: a client may chain on it at once
         yield response_events.encode(last)
 
-    def response_input_tokens(self, role: str) -> Response:
-        tally = self._tally(OPENAI, "responses_input_tokens", role)
+    def response_input_tokens(self, call: Call, role: str) -> Answer:
+        tally = self._tally(call, OPENAI, "responses_input_tokens", role)
         try:
             self._server(role)
-            translated, _, model = self._responses_request(role, _json_body())
+            translated, _, model = self._responses_request(call, role)
             tally.record.served_model = model.name
             count = tokens.count_chat(model.path, translated.chat)
         except MlxgateError as exc:
             return self._refuse(tally, OPENAI, exc)
         self._done(tally)
-        return Response(json.dumps({"object": "response.input_tokens", "input_tokens": count}),
-                        mimetype="application/json")
+        return Answer(200, [JSON], json.dumps({"object": "response.input_tokens", "input_tokens": count}).encode())
 
-    def stored(self, response_id: str) -> Response:
-        if request.method == "DELETE":
-            return Response(json.dumps(self.store.delete(response_id)), mimetype="application/json")
-        return Response(dump(self.store.record(response_id)["response"]), mimetype="application/json")
+    def stored(self, call: Call, response_id: str) -> Answer:
+        if call.method == "DELETE":
+            return Answer(200, [JSON], dump(self.store.delete(response_id)))
+        return Answer(200, [JSON], dump(self.store.record(response_id)["response"]))
 
-    def stored_input_items(self, response_id: str) -> Response:
-        order = request.args.get("order", "desc")
-        limit = request.args.get("limit", "20")
+    def stored_input_items(self, call: Call, response_id: str) -> Answer:
+        order = call.args.get("order", "desc")
+        limit = call.args.get("limit", "20")
         if order not in ("asc", "desc"):
             raise RequestRejected(400, f"order: Input should be 'asc' or 'desc', got {order!r}")
         if not limit.isdigit() or not 1 <= int(limit) <= 100:
             raise RequestRejected(400, f"limit: Input should be an integer from 1 to 100, got {limit!r}")
-        page = self.store.input_items(response_id, order, int(limit), request.args.get("after"))
-        return Response(dump(page), mimetype="application/json")
+        page = self.store.input_items(response_id, order, int(limit), call.args.get("after"))
+        return Answer(200, [JSON], dump(page))
 
 
 def _in_background(call: Callable[[], object]) -> Callable[[], bool]:
@@ -457,27 +498,8 @@ def _unexpected(exc: Exception) -> BackendError:
     return BackendError(f"the answer failed ({type(exc).__name__}); `mlxgate logs wrapper` has the traceback")
 
 
-def _json_body() -> dict:
+def _json_body(call: Call) -> dict:
     try:
-        return parse_object(request.get_data(cache=True))
+        return parse_object(call.body)
     except ValueError as exc:
         raise RequestRejected(400, str(exc), "invalid_request") from None
-
-
-def register(app: Flask, fleet: Fleet, recorder: Recorder | None = None) -> Relay:
-    relay = Relay(fleet, recorder)
-    app.add_url_rule(paths.relay_path("<role>", paths.MESSAGES), "messages", relay.messages, methods=["POST"])
-    app.add_url_rule(paths.relay_path("<role>", paths.COUNT_TOKENS), "count_tokens", relay.count_tokens,
-                     methods=["POST"])
-    app.add_url_rule(paths.relay_path("<role>", paths.CHAT), "chat", lambda role: relay.openai(role, "chat"),
-                     methods=["POST"])
-    app.add_url_rule(paths.relay_path("<role>", paths.COMPLETIONS), "completions",
-                     lambda role: relay.openai(role, "completions"), methods=["POST"])
-    app.add_url_rule(paths.relay_path("<role>", paths.RESPONSES), "responses", relay.responses, methods=["POST"])
-    app.add_url_rule(paths.relay_path("<role>", paths.RESPONSE_INPUT_TOKENS), "response_input_tokens",
-                     relay.response_input_tokens, methods=["POST"])
-    app.add_url_rule(f"{paths.STORED_RESPONSES}/<response_id>", "stored_response", relay.stored,
-                     methods=["GET", "DELETE"])
-    app.add_url_rule(f"{paths.STORED_RESPONSES}/<response_id>/input_items", "stored_input_items",
-                     relay.stored_input_items, methods=["GET"])
-    return relay

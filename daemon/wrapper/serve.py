@@ -4,7 +4,8 @@ with it; the model servers also die with it on SIGKILL (see `model_process`).
 
 Each relay request holds a thread while it waits in its queue or streams, so there are
 threads for every queue place of both servers (running and waiting) and some to spare
-for the management routes: the queue, not gunicorn's backlog, is where requests wait."""
+for the management routes: the queue, not gunicorn's backlog, is where requests wait. The proxies hand their
+requests to the relay at its local door (`doors`, a thread per connection), not here."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ from gunicorn.app.base import BaseApplication
 
 from ..config import Config
 from ..ledger import Ledger
+from . import doors
 from .app import create_app
 from .fleet import Fleet
 from .metrics import Metrics
 from .recorder import Recorder
+from .relay import Relay
 
 SPARE_THREADS = 16
 
@@ -31,6 +34,7 @@ class WrapperApplication(BaseApplication):
         self.config = config
         self.fleet: Fleet | None = None
         self.recorder: Recorder | None = None
+        self.door = None
         super().__init__()
 
     def load_config(self) -> None:
@@ -59,13 +63,16 @@ class WrapperApplication(BaseApplication):
             self.recorder = Recorder(Ledger.for_config(self.config), metrics)
         self.fleet.start_configured()
         self.fleet.start_watchdog()
-        app = create_app(self.fleet, self.config.api_key, metrics, self.recorder)
-        if self.config.listen:  # other gateways reach this host's relay (see `listen`)
-            from .listen import start
-            start(self.config, app)
+        relay = Relay(self.fleet, self.recorder)
+        app = create_app(self.fleet, relay, self.config.api_key, metrics, self.recorder)
+        self.door = doors.open_door(self.config, app, relay)  # the proxies' way in
+        if self.config.listen:  # other gateways reach this host's relay
+            doors.listen(self.config, app, relay)
         return app
 
     def _worker_exit(self, server, worker) -> None:
+        if self.door is not None:
+            self.door.close()
         if self.recorder is not None:
             self.recorder.close()  # what was answered is written before the worker goes
         if self.fleet is not None:

@@ -98,6 +98,25 @@ def test_unload_stops_the_dynamic_server(wrapper):
     assert wrapper.servers()["autocomplete"]["state"] == "ready", "unload touches only its server"
 
 
+def test_connections_to_the_model_server_are_opened_ahead_and_never_outlive_it(wrapper):
+    """mlx_lm.server closes each connection after one answer: the relay opens the next ones
+    while a request runs (at most two wait), and closes them when the server goes."""
+    first = wrapper.load("tiny-a").json()
+    for _ in range(3):
+        chat(wrapper, max_tokens=1)
+
+    def waiting(pid: int) -> list:
+        return [c for c in psutil.Process(pid).net_connections("tcp")
+                if c.laddr.port == wrapper.dynamic_port and c.status == psutil.CONN_ESTABLISHED]
+    assert 1 <= len(wait_for(lambda: waiting(first["pid"]), 10, what="connections opened ahead")) <= 2
+    second = wrapper.load("org/tiny-b").json()
+    assert second["pid"] != first["pid"] and not pid_alive(first["pid"])
+    assert chat(wrapper, max_tokens=2)["usage"]["completion_tokens"] == 2, "a new server, new connections"
+    relay = [c for c in psutil.Process(second["pid"]).parent().net_connections("tcp")
+             if c.raddr and c.raddr.port == wrapper.dynamic_port]
+    assert relay and all(c.status == psutil.CONN_ESTABLISHED for c in relay), "none left from the old server"
+
+
 def test_autocomplete_server_answers_completions(wrapper):
     wait_for(lambda: wrapper.servers()["autocomplete"]["state"] == "ready", 60, what="autocomplete")
     response = wrapper.call("POST", "/backends/autocomplete/v1/completions",

@@ -229,7 +229,8 @@ class Relay:
         if process is None:
             raise BackendError(f"the {job.server.role} model server is not running")
         job.tally.generation_starts()
-        upstream = Upstream(job.server.port, job.path, job.body, process.auth_header, job.client)
+        upstream = Upstream(process, job.path, job.body, job.client)
+        process.open_spares()  # for the next requests, while the model server works on this one
         job.ticket.on_cancel(upstream.close)
         try:
             for chunk in upstream.events(job.ticket):

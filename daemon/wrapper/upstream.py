@@ -21,6 +21,7 @@ from ..errors import BackendError, RequestRejected
 from ..json_body import dump
 from ..net import peer_closed
 from .admission import Ticket
+from .process import ServerProcess
 
 SILENCE_TICK = 5.0  # seconds of model-server silence after which the caller gets a keep-alive
 
@@ -30,7 +31,7 @@ class ClientGone(BackendError):
 
 
 class Upstream:
-    def __init__(self, port: int, path: str, body: dict, auth: str, client: socket.socket | None = None):
+    def __init__(self, process: ServerProcess, path: str, body: dict, client: socket.socket | None = None):
         self.client = client
         self.buffer = b""
         self.last_data = time.monotonic()
@@ -38,16 +39,16 @@ class Upstream:
         payload = dump(body)
         self.sock: socket.socket | None = None
         try:
-            self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            self.sock = process.connect()
             self.sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                              f"Authorization: {auth}\r\nContent-Length: {len(payload)}\r\n"
+                              f"Authorization: {process.auth_header}\r\nContent-Length: {len(payload)}\r\n"
                               f"Connection: close\r\n\r\n".encode() + payload)
             self.sock.settimeout(None)
         except OSError as exc:
             if self.sock is not None:
                 self.sock.close()
                 self.sock = None
-            raise BackendError(f"the model server on port {port} did not answer: {exc}") from None
+            raise BackendError(f"the model server on port {process.port} did not answer: {exc}") from None
 
     def _fill(self, ticket: Ticket) -> bool:
         """Read more from the model server; False at its end of stream."""

@@ -48,7 +48,6 @@ from .exchange import Answer, Call
 from .relay import Relay, api_of
 
 log = logging.getLogger("mlxgate.wrapper")
-SOCKET_KEY = "mlxgate.socket"  # the caller's connection, for the Flask app's routes
 # A connection that sends nothing for this long (no handshake, no next request), or takes
 # nothing we write for this long (a reader that stopped reading), is closed, so idle or
 # abandoned connections do not hold threads. Proxies and gateways drop their idle ones
@@ -225,7 +224,7 @@ class _Handler(BaseHTTPRequestHandler):
             "CONTENT_LENGTH": str(len(body)), "wsgi.version": (1, 0),
             "wsgi.url_scheme": "https" if isinstance(self.server, _ListenServer) else "http",
             "wsgi.input": io.BytesIO(body), "wsgi.errors": sys.stderr, "wsgi.multithread": True,
-            "wsgi.multiprocess": False, "wsgi.run_once": False, SOCKET_KEY: self.connection,
+            "wsgi.multiprocess": False, "wsgi.run_once": False,
         }
         for name, value in self.headers.items():
             key = "HTTP_" + name.upper().replace("-", "_")

@@ -8,6 +8,10 @@
     /backends/<server>/v1/responses/input_tokens exact prompt tokens of a Responses request
     /responses/<id>[/input_items]                stored responses (GET, DELETE), whichever server
 
+It reads a `Call` and returns an `Answer` (`exchange`), whichever server received the
+request: its doors (`doors`: the proxies' Unix socket, the host listener) or the
+management port (gunicorn and Flask, `app`).
+
 Every request to a model server passes here, and its queue is the one place it waits:
 - the body is checked against its API's contract and translated (Anthropic Messages and
   the Responses API next to the model's own tokenizer), and the prompt counted against

@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 import threading
@@ -162,6 +163,27 @@ def test_the_proxy_hands_requests_to_the_relay_at_its_door_which_needs_the_key(g
     assert refused["type"] == "error" and refused["error"]["type"] == "authentication_error"
     missing = json.loads(curl("/backends/nowhere/v1/chat/completions", chat, *key).stdout)
     assert "no model server named 'nowhere'" in missing["error"]["message"]
+
+
+def test_a_caller_gone_before_its_stream_starts_gives_its_place_in_the_queue_back(gw):
+    """A proxy that cancels while the relay still counts a long prompt: the door cannot even
+    send the answer's headers, and the request's place in the queue is given back anyway
+    (a place kept would hold a slot for ever and look like a stalled server to the watchdog)."""
+    words = " ".join(f"word{i}" for i in range(5000))  # ~37,000 new tokens: counting them takes a while
+    body = json.dumps({"model": "claude-opus-4-8", "max_tokens": 5, "stream": True,
+                       "messages": [{"role": "user", "content": words}]}).encode()
+    served = dynamic(gw)["queue"]["served"]
+    for _ in range(3):
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(str(gw.home / "relay.sock"))
+            sock.sendall(f"POST /backends/dynamic/v1/messages HTTP/1.1\r\nHost: relay\r\n"
+                         f"Authorization: Bearer {gw.api_key}\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    queue = wait_for(lambda: (lambda q: q if q["served"] >= served + 3 and not q["active"] else None)(
+        dynamic(gw)["queue"]), 30, what="the three places to be given back")
+    assert queue["queued"] == 0
+    answer = claude(gw).messages.create(model="claude-opus-4-8", max_tokens=2, messages=PROMPT)
+    assert answer.usage.output_tokens == 2
 
 
 def test_a_litellm_deployment_answers_through_litellm_and_the_hooks_run_once(gw, upstream):

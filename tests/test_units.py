@@ -246,13 +246,12 @@ def test_standing_in_lets_loopback_clients_in_with_their_own_credentials(listene
     assert sent[0]["status"] == status
 
 
-def test_the_proxy_reaches_the_relay_at_its_door_unless_the_folder_is_too_deep_for_a_socket(tmp_path):
+def test_the_proxy_reaches_the_relay_at_its_door_unless_the_folder_is_too_deep_for_a_socket():
     """A Unix socket's path has at most 103 bytes on macOS; deeper, the management port serves."""
     from mlxgate.proxy.relay_client import RelayClient
 
-    near = load_config(env={"MLXGATE_HOME": str(tmp_path / "home")})
-    assert RelayClient(near).door == tmp_path / "home" / "relay.sock"
-    deep = load_config(env={"MLXGATE_HOME": str(tmp_path / ("d" * 100)), "MLX_WRAPPER_URL": "http://127.0.0.1:9"})
+    near = load_config(env={"MLXGATE_HOME": "/tmp/mlxgate-home"})  # nothing is opened: the choice only
+    assert RelayClient(near).door == Path("/tmp/mlxgate-home/relay.sock")
+    deep = load_config(env={"MLXGATE_HOME": "/tmp/" + "d" * 100, "MLX_WRAPPER_URL": "http://127.0.0.1:9"})
     client = RelayClient(deep)
     assert client.door is None and client.base == "http://127.0.0.1:9"
-    assert RelayClient(base="https://10.0.0.2:11434", key="k").door is None

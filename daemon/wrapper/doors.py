@@ -14,7 +14,8 @@
   one, and its hooks ran once, in that gateway.
 
 Both run in the wrapper's worker process (the fleet lives there), one thread per
-connection, with the key required (every route but `/health` and `/ca.pem`), and keep
+connection, with the key required (every route but `/health`, and the listener's
+`/ca.pem`), and keep
 connections alive: a proxy or a gateway sends request after request on the same one (a
 TLS handshake per request would cost more than the whole hop). The relay's routes are
 answered by the relay directly; the management routes by the same Flask app as on the
@@ -37,7 +38,7 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import parse_qs, unquote
 
 from ..certs import listener_context
 from ..config import Config
@@ -69,6 +70,7 @@ class _ListenServer(_Doorway, ThreadingHTTPServer):
     """The host listener: TCP on the listen address, TLS on every connection."""
 
     daemon_threads = True
+    block_on_close = False  # closing does not wait for callers' kept-alive connections
 
     def __init__(self, address, app, context: ssl.SSLContext, ca_pem: bytes, max_body: int,
                  relay: Relay | None = None, api_key: str | None = None):
@@ -89,9 +91,11 @@ class _ListenServer(_Doorway, ThreadingHTTPServer):
 
 
 class _DoorServer(_Doorway, socketserver.ThreadingUnixStreamServer):
-    """The local door: a Unix socket only this user can open."""
+    """The local door: a Unix socket only this user can open (made with umask 177, so open it
+    before the process starts anything that could inherit that umask)."""
 
     daemon_threads = True
+    block_on_close = False
 
     def __init__(self, path: Path, app, relay: Relay, api_key: str | None, max_body: int):
         self.setup_door(app, relay, api_key, max_body)
@@ -165,31 +169,33 @@ class _Handler(BaseHTTPRequestHandler):
         if refused is not None:
             return self._send(Answer(*refused))
         if self.server.relay is not None:
-            answer = self.server.relay.route(Call(self.command, path, headers, body, dict(parse_qsl(query)),
-                                                  self.connection))
+            args = {name: values[0] for name, values in parse_qs(query, keep_blank_values=True).items()}
+            answer = self.server.relay.route(Call(self.command, path, headers, body, args, self.connection))
             if answer is not None:
                 return self._send(answer)
         return self._wsgi(path, query, body)
 
     def _send(self, answer: Answer) -> None:
-        """Write `answer`: bytes with their length, a stream chunked as its pieces come."""
-        self.send_response(answer.status)
-        names = set()
-        for name, value in answer.headers:
-            self.send_header(name, value)
-            names.add(name.lower())
+        """Write `answer`: bytes with their length, a stream chunked as its pieces come. A
+        stream is closed however it ends (a caller gone before its headers included): its
+        place in the queue is given back."""
         body = answer.body
-        streamed = answer.streamed and self.command != "HEAD"
-        if streamed:
-            self.send_header("Transfer-Encoding", "chunked")
-        elif "content-length" not in names:
-            self.send_header("Content-Length", str(len(body) if isinstance(body, bytes) else 0))
-        self.end_headers()
-        if not streamed:
-            if isinstance(body, bytes) and body and self.command != "HEAD":
-                self.wfile.write(body)
-            return
         try:
+            self.send_response(answer.status)
+            names = set()
+            for name, value in answer.headers:
+                self.send_header(name, value)
+                names.add(name.lower())
+            streamed = answer.streamed and self.command != "HEAD"
+            if streamed:
+                self.send_header("Transfer-Encoding", "chunked")
+            elif "content-length" not in names:
+                self.send_header("Content-Length", str(len(body) if isinstance(body, bytes) else 0))
+            self.end_headers()
+            if not streamed:
+                if isinstance(body, bytes) and body and self.command != "HEAD":
+                    self.wfile.write(body)
+                return
             for piece in body:
                 if piece:
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
@@ -197,7 +203,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"0\r\n\r\n")
         finally:
             if hasattr(body, "close"):
-                body.close()  # a stream the caller left: its place in the queue is given back
+                body.close()
 
     def _wsgi(self, path: str, query: str, body: bytes) -> None:
         """A management route: the Flask app answers it, as on the management port."""

@@ -25,6 +25,7 @@ _ERROR_LINE = re.compile(r"^[\w.]*(Error|Exception|Exit)\b.*")
 # of a millisecond on a request's way here (the connect, and the thread `mlx_lm.server`
 # starts for it), and `mlx_lm.server` closes each connection after one answer.
 SPARE_CONNECTIONS = 2
+SPARE_CONNECT_SECONDS = 1.0  # a server that accepts no connection (stopped, backlog full) holds nobody long
 
 
 @dataclass
@@ -38,6 +39,7 @@ class ServerProcess:
     port: int = 0
     _spares: list[socket.socket] = field(default_factory=list, repr=False)
     _spares_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _spares_closed: bool = field(default=False, repr=False)
 
     @property
     def auth_header(self) -> str:
@@ -58,14 +60,14 @@ class ServerProcess:
         """Open connections for the next requests (call it once a request is on its way)."""
         while True:
             with self._spares_lock:
-                if len(self._spares) >= SPARE_CONNECTIONS:
+                if len(self._spares) >= SPARE_CONNECTIONS or self._spares_closed:
                     return
             try:
-                sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+                sock = socket.create_connection(("127.0.0.1", self.port), timeout=SPARE_CONNECT_SECONDS)
             except OSError:
                 return
             with self._spares_lock:
-                if len(self._spares) < SPARE_CONNECTIONS:
+                if len(self._spares) < SPARE_CONNECTIONS and not self._spares_closed:
                     self._spares.append(sock)
                     continue
             sock.close()
@@ -73,7 +75,7 @@ class ServerProcess:
 
     def _close_spares(self) -> None:
         with self._spares_lock:
-            spares, self._spares = self._spares, []
+            spares, self._spares, self._spares_closed = self._spares, [], True
         for sock in spares:
             sock.close()
 

@@ -55,7 +55,7 @@ from ..responses.request import ResponsesRequest, response_object, to_chat as re
 from ..responses.store import ResponseStore
 from . import tokens
 from .admission import Ticket
-from .exchange import Answer, Call
+from .exchange import Answer, Call, Stream
 from .fleet import Fleet
 from .model_server import ModelServer
 from .recorder import Recorder
@@ -114,7 +114,7 @@ class Relay:
         elif stored is not None:
             response_id, items = stored.groups()
             handle = self.stored_input_items if items else self.stored
-            allowed = ("GET",) if items else ("GET", "DELETE")
+            allowed = ("GET", "HEAD") if items else ("GET", "HEAD", "DELETE")
             run = lambda: handle(call, response_id)  # noqa: E731
         else:
             return None
@@ -293,7 +293,12 @@ class Relay:
                 yield (failure or partial(error_event, api))("backend_error", str(failed))
             finally:
                 self._finish(job)
-        return Answer(200, [("content-type", "text/event-stream"), ("cache-control", "no-cache")], guarded())
+
+        def abandoned() -> None:  # the caller left before the stream started
+            job.tally.record.cancelled = True
+            self._finish(job)
+        return Answer(200, [("content-type", "text/event-stream"), ("cache-control", "no-cache")],
+                      Stream(guarded(), abandoned))
 
     # ------------------------------------------------------------------ Anthropic Messages
     def messages(self, call: Call, role: str) -> Answer:

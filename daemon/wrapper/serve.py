@@ -2,10 +2,12 @@
 threads for concurrent requests. The fleet is built in the worker and shut down
 with it; the model servers also die with it on SIGKILL (see `model_process`).
 
-Each relay request holds a thread while it waits in its queue or streams, so there are
-threads for every queue place of both servers (running and waiting) and some to spare
-for the management routes: the queue, not gunicorn's backlog, is where requests wait. The proxies hand their
-requests to the relay at its local door (`doors`, a thread per connection), not here."""
+The proxies hand their requests to the relay at its local door (`doors`, a thread per
+connection), not here; this port serves the management routes and the same relay routes
+for tools. Each relay request holds a thread while it waits in its queue or streams, so
+there are threads for every queue place of both servers (running and waiting) and some
+to spare for the management routes: the queue, not gunicorn's backlog, is where requests
+wait."""
 
 from __future__ import annotations
 
@@ -61,13 +63,13 @@ class WrapperApplication(BaseApplication):
         metrics.watch(self.fleet)
         if self.config.record_usage:
             self.recorder = Recorder(Ledger.for_config(self.config), metrics)
-        self.fleet.start_configured()
-        self.fleet.start_watchdog()
         relay = Relay(self.fleet, self.recorder)
         app = create_app(self.fleet, relay, self.config.api_key, metrics, self.recorder)
-        self.door = doors.open_door(self.config, app, relay)  # the proxies' way in
+        self.door = doors.open_door(self.config, app, relay)  # the proxies' way in: before any model server starts
         if self.config.listen:  # other gateways reach this host's relay
             doors.listen(self.config, app, relay)
+        self.fleet.start_configured()
+        self.fleet.start_watchdog()
         return app
 
     def _worker_exit(self, server, worker) -> None:

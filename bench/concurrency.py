@@ -2,10 +2,17 @@
 mlxgate (both APIs) and straight to mlx_lm.server, same model, same run. mlx_lm.server batches
 concurrent requests; the gateway must let it (several requests in flight per model server).
 
-Reports generated tokens per second over the wall time of each round (all clients start
-together; the round ends when the last answer is complete), median of the rounds.
+Two ways, each path in turn, same run:
+- **all at once**: generated tokens per second over the wall time of each round (all
+  clients released by one barrier; the round ends when the last answer is complete),
+  median of the rounds. Straight to `mlx_lm.server` the requests arrive within
+  microseconds of each other and start as one batch; through any gateway they arrive
+  a few milliseconds apart (each is read, checked and counted first), so the first ones
+  start before the others join.
+- **sustained**: each client asks again as soon as it has its answer, for `--seconds`;
+  generated tokens per second over that time. Arrivals spread out as they do in use.
 
-    .venv/bin/python bench/concurrency.py --clients 8 --tokens 256 --rounds 3
+    .venv/bin/python bench/concurrency.py --clients 1 8 --tokens 256 --rounds 5
 """
 
 from __future__ import annotations
@@ -51,11 +58,47 @@ def one_round(url: str, body: dict, key: str | None, clients: int, usage_key: st
     return sum(counts) / elapsed
 
 
+def sustained(url: str, body: dict, key: str | None, clients: int, usage_key: str, seconds: float) -> float:
+    """Tokens per second while `clients` clients each ask again as soon as they are answered."""
+    counts: list[int] = []
+    errors: list[str] = []
+    stop = time.monotonic() + seconds
+
+    def client() -> None:
+        session = requests.Session()
+        while time.monotonic() < stop:
+            response = session.post(url, json=body, headers=headers(key), timeout=600)
+            if response.status_code != 200:
+                errors.append(response.text[:200])
+                return
+            counts.append(response.json()["usage"][usage_key])
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise SystemExit(f"{url}: {errors[0]}")
+    return sum(counts) / (time.perf_counter() - started)
+
+
+def table(title: str, rows: list[tuple[int, dict]]) -> None:
+    print(f"\n{title}\n")
+    print("| clients | direct tok/s | mlxgate openai tok/s | ratio | mlxgate anthropic tok/s | ratio |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for clients, rate in rows:
+        d = rate["direct"]
+        print(f"| {clients} | {d:.0f} | {rate['mlxgate openai']:.0f} | {rate['mlxgate openai'] / d:.2f}x | "
+              f"{rate['mlxgate anthropic']:.0f} | {rate['mlxgate anthropic'] / d:.2f}x |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8], help="concurrent clients per round")
     parser.add_argument("--tokens", type=int, default=256, help="tokens each answer generates")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=15, help="length of each sustained run (0: none)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="mlxgate-concurrency-"))
@@ -74,21 +117,22 @@ def main() -> int:
     try:
         for url, body, key, usage in paths.values():  # warm up
             one_round(url, body, key, 2, usage)
-        rows = []
+        rows, steady = [], []
         for clients in args.clients:
             rates = {name: [] for name in paths}
             for _ in range(args.rounds):
                 for name, (url, body, key, usage) in paths.items():
                     rates[name].append(one_round(url, body, key, clients, usage))
             rows.append((clients, {name: median(r) for name, r in rates.items()}))
-        print(f"\n{args.tokens}-token answers, all clients at once, tokens/s over the round's wall time, median of "
-              f"{args.rounds} rounds (max_parallel {gateway.servers()['dynamic']['queue']['max_parallel']})\n")
-        print("| clients | direct tok/s | mlxgate openai tok/s | ratio | mlxgate anthropic tok/s | ratio |")
-        print("|---:|---:|---:|---:|---:|---:|")
-        for clients, rate in rows:
-            d = rate["direct"]
-            print(f"| {clients} | {d:.0f} | {rate['mlxgate openai']:.0f} | {rate['mlxgate openai'] / d:.2f}x | "
-                  f"{rate['mlxgate anthropic']:.0f} | {rate['mlxgate anthropic'] / d:.2f}x |")
+            if args.seconds > 0 and clients > 1:
+                steady.append((clients, {name: sustained(url, body, key, clients, usage, args.seconds)
+                                         for name, (url, body, key, usage) in paths.items()}))
+        parallel = gateway.servers()["dynamic"]["queue"]["max_parallel"]
+        table(f"{args.tokens}-token answers, all clients at once, tokens/s over the round's wall time, median of "
+              f"{args.rounds} rounds (max_parallel {parallel})", rows)
+        if steady:
+            table(f"{args.tokens}-token answers, sustained: each client asks again when answered, tokens/s over "
+                  f"{args.seconds:g} s", steady)
     finally:
         gateway.stop()
         direct.stop()

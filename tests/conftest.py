@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,14 @@ for _name in ("MLXGATE_CONFIG", "MLXGATE_HOME", "MLXGATE_API_KEY", *(s.env for s
 os.environ["MLXGATE_LOAD_ENTRY_POINTS"] = "0"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config) -> None:
+    """Runtime folders hold Unix sockets (supervisord's, the relay's door), whose paths must fit
+    103 bytes; pytest's temporary folders on macOS (/private/var/folders/...) are too deep."""
+    if sys.platform == "darwin" and config.option.basetemp is None:
+        config.option.basetemp = f"/tmp/mlxgate-tests-{os.getuid()}"
 
 
 @pytest.fixture(scope="session")

@@ -173,7 +173,7 @@ class _Handler(BaseHTTPRequestHandler):
             answer = self.server.relay.route(Call(self.command, path, headers, body, args, self.connection))
             if answer is not None:
                 return self._send(answer)
-        return self._wsgi(path, query, body)
+        return self._wsgi(path, query, headers, body)
 
     def _send(self, answer: Answer) -> None:
         """Write `answer`: bytes with their length, a stream chunked as its pieces come. A
@@ -205,7 +205,7 @@ class _Handler(BaseHTTPRequestHandler):
             if hasattr(body, "close"):
                 body.close()
 
-    def _wsgi(self, path: str, query: str, body: bytes) -> None:
+    def _wsgi(self, path: str, query: str, headers: dict[str, str], body: bytes) -> None:
         """A management route: the Flask app answers it, as on the management port."""
         started: dict = {}
 
@@ -213,7 +213,7 @@ class _Handler(BaseHTTPRequestHandler):
             started.update(status=status, headers=headers)
             return self.wfile.write
 
-        result = self.server.app(self._environ(path, query, body), start_response)
+        result = self.server.app(self._environ(path, query, headers, body), start_response)
         try:
             chunks = list(result)
             code, _, _ = started["status"].partition(" ")
@@ -222,20 +222,18 @@ class _Handler(BaseHTTPRequestHandler):
             if hasattr(result, "close"):
                 result.close()
 
-    def _environ(self, path: str, query: str, body: bytes) -> dict:
+    def _environ(self, path: str, query: str, headers: dict[str, str], body: bytes) -> dict:
         environ = {
             "REQUEST_METHOD": self.command, "SCRIPT_NAME": "", "PATH_INFO": path, "QUERY_STRING": query,
             "SERVER_NAME": "localhost", "SERVER_PORT": "0", "SERVER_PROTOCOL": self.request_version,
-            "REMOTE_ADDR": _peer(self.client_address), "CONTENT_TYPE": self.headers.get("Content-Type", ""),
+            "REMOTE_ADDR": _peer(self.client_address), "CONTENT_TYPE": headers.get("content-type", ""),
             "CONTENT_LENGTH": str(len(body)), "wsgi.version": (1, 0),
             "wsgi.url_scheme": "https" if isinstance(self.server, _ListenServer) else "http",
             "wsgi.input": io.BytesIO(body), "wsgi.errors": sys.stderr, "wsgi.multithread": True,
             "wsgi.multiprocess": False, "wsgi.run_once": False,
         }
-        for name, value in self.headers.items():
-            key = "HTTP_" + name.upper().replace("-", "_")
-            if key not in ("HTTP_CONTENT_TYPE", "HTTP_CONTENT_LENGTH"):
-                environ[key] = f"{environ[key]},{value}" if key in environ else value
+        environ.update(("HTTP_" + name.upper().replace("-", "_"), value) for name, value in headers.items()
+                       if name not in ("content-type", "content-length"))
         return environ
 
 

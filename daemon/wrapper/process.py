@@ -51,7 +51,7 @@ class ServerProcess:
             with self._spares_lock:
                 sock = self._spares.pop() if self._spares else None
             if sock is None:
-                return socket.create_connection(("127.0.0.1", self.port), timeout=10)
+                return self._dial(10)
             if not peer_closed(sock):
                 return sock
             sock.close()
@@ -63,7 +63,7 @@ class ServerProcess:
                 if len(self._spares) >= SPARE_CONNECTIONS or self._spares_closed:
                     return
             try:
-                sock = socket.create_connection(("127.0.0.1", self.port), timeout=SPARE_CONNECT_SECONDS)
+                sock = self._dial(SPARE_CONNECT_SECONDS)
             except OSError:
                 return
             with self._spares_lock:
@@ -72,6 +72,9 @@ class ServerProcess:
                     continue
             sock.close()
             return
+
+    def _dial(self, timeout: float) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
 
     def _close_spares(self) -> None:
         with self._spares_lock:

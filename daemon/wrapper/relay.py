@@ -105,19 +105,17 @@ class Relay:
     def route(self, call: Call) -> Answer | None:
         """The relay's answer to `call`; None when its path is not one of the relay's."""
         backend = BACKEND_PATH.fullmatch(call.path)
-        stored = None if backend else STORED_PATH.fullmatch(call.path)
         if backend is not None:
-            role, api_path = backend.groups()
+            name, api_path = backend.groups()  # name: the model server's role
             handle = self._api_routes.get(api_path)
             allowed = ("POST",)
-            run = lambda: handle(call, role)  # noqa: E731
-        elif stored is not None:
-            response_id, items = stored.groups()
+        else:
+            stored = STORED_PATH.fullmatch(call.path)
+            if stored is None:
+                return None
+            name, items = stored.groups()  # name: the response's id
             handle = self.stored_input_items if items else self.stored
             allowed = ("GET", "HEAD") if items else ("GET", "HEAD", "DELETE")
-            run = lambda: handle(call, response_id)  # noqa: E731
-        else:
-            return None
         if handle is None:
             return None
         api = api_of(call.path)
@@ -125,7 +123,7 @@ class Relay:
             return Answer(*error_response(api, "invalid_request", f"{call.method} is not allowed on {call.path}; "
                                                                   f"use {' or '.join(allowed)}", 405))
         try:
-            return run()
+            return handle(call, name)
         except MlxgateError as exc:
             log.warning("%s %s: %s", call.method, call.path, exc)
             return Answer(*exception_response(api, exc))

@@ -14,6 +14,8 @@
 #   --download-model M     download M first (progress bar); the default model unless named
 #   --install-dependencies install the system packages the flags need (apt-get on Linux)
 #   --no-service           everything but the boot service (CI, trying it out)
+#   --vision               also the vision extra (mlx-vlm, ~680 MB): images, vision models
+#                          (or MLXGATE_VISION=1 in the environment)
 #   --quiet                less output from pip
 #   --uninstall            remove the service, hosts line, forwarding, trust entry and
 #                          runtime folder (keeps this folder: delete it to finish)
@@ -26,6 +28,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here"
 service=1
 quiet=""
+vision="${MLXGATE_VISION:-0}"
 uninstall=0
 dependencies=0
 download=""
@@ -35,6 +38,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --no-service) service=0 ;;
     --quiet) quiet="-q" ;;
+    --vision) vision=1 ;;
     --uninstall) uninstall=1 ;;
     --install-dependencies) dependencies=1 ;;
     --download-model) [ $# -ge 2 ] || { echo "install.sh: $1 needs a value" >&2; exit 2; }
@@ -99,14 +103,15 @@ else
 fi
 
 current="install mlxgate and its dependencies"
-stamp=.venv/.installed-pyproject  # the pyproject.toml the dependencies were installed from
-wanted="$(.venv/bin/python -c 'import hashlib; print(hashlib.sha256(open("pyproject.toml", "rb").read()).hexdigest())')"
+stamp=.venv/.installed-pyproject  # the pyproject.toml (and extras) the dependencies were installed from
+extras="test"; [ "$vision" = 1 ] && extras="test,vision"
+wanted="$(.venv/bin/python -c 'import hashlib; print(hashlib.sha256(open("pyproject.toml", "rb").read()).hexdigest())') $extras"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$wanted" ]; then
   step "dependencies are current (pyproject.toml unchanged since they were installed)"
 else
   step "installing mlxgate and its dependencies into .venv (first run: a few minutes)"
   .venv/bin/python -m pip install $quiet --disable-pip-version-check --upgrade pip >/dev/null
-  .venv/bin/python -m pip install $quiet --disable-pip-version-check -e ".[test]"
+  .venv/bin/python -m pip install $quiet --disable-pip-version-check -e ".[$extras]"
   echo "$wanted" > "$stamp"
 fi
 
@@ -121,7 +126,7 @@ fi
 current="make the API key"
 .venv/bin/python - <<'PY' || fail "could not write the API key file"
 from mlxgate.config import runtime_home
-from mlxgate.supervision.control import ensure_api_key
+from mlxgate.runtime_files import ensure_api_key
 import os
 home = runtime_home()
 if os.environ.get("MLXGATE_API_KEY"):

@@ -81,7 +81,7 @@ def main() -> None:
             Path(env["MLXGATE_CONFIG"]).write_text(json.dumps({"distributed": settings} if settings else {}))
         gateway = Gateway(folder, [model.parent], "--default-model", "tiny", prepare=prepare)
         try:
-            server = gateway.servers()["dynamic"]
+            server = gateway.servers()["tiny"]
             one = median([rate(gateway, args.tokens, 1) for _ in range(3)])
             four = rate(gateway, args.tokens, 4)
             print(f"{way:20}{server['load_seconds']:>8.1f}{one:>9.0f}{four:>9.0f}{idle_cpu(server['pid']):>12.2f}",

@@ -38,7 +38,7 @@ PLACEMENT = {"a": "m1", "b": "m2", "c": "m1"}
 
 
 class Watch:
-    """Every host's dynamic server (model, state) every 50 ms, to say whether a request met a switch."""
+    """Every host's resident models every 50 ms, to say whether a request met a load."""
 
     def __init__(self, hosts: dict[str, Gateway]):
         self.hosts, self.seen, self.stop = hosts, [], threading.Event()
@@ -50,14 +50,15 @@ class Watch:
             now = time.monotonic()
             for name, host in self.hosts.items():
                 try:
-                    server = host.servers()["dynamic"]
-                    self.seen.append((now, name, server["model"] if server["state"] == "ready" else None))
+                    ready = sorted(m for m, s in host.servers().items() if s["state"] == "ready")
+                    self.seen.append((now, name, tuple(ready)))
                 except requests.RequestException:
                     pass
             time.sleep(0.05)
 
-    def model_at(self, host: str, when: float) -> str | None:
-        last = None
+    def models_at(self, host: str, when: float) -> tuple:
+        """The models resident on `host` when a request started."""
+        last = ()
         for at, name, model in self.seen:
             if at > when:
                 break
@@ -109,7 +110,7 @@ def score(results: list[dict], watch: Watch) -> dict:
     ok = [r for r in results if "error" not in r]
     for failed in [r for r in results if "error" in r][:3]:
         print("failed:", failed["error"], flush=True)
-    no_switch = [r for r in ok if watch.model_at(r["host"], r["started"]) == r["model"]]
+    no_switch = [r for r in ok if r["model"] in watch.models_at(r["host"], r["started"])]
     follow = [r for r in ok if r["turn"] > 0]
     return {"requests": len(results), "failed": len(results) - len(ok),
             "no_switch": len(no_switch) / max(1, len(ok)),

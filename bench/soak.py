@@ -33,7 +33,7 @@ from pathlib import Path
 import requests
 
 from mlxgate.config import load_config
-from mlxgate.supervision.control import Supervisor
+from mlxgate.supervision.programs import Supervisor
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -2,7 +2,9 @@
 
 - `Direct`: a plain `mlx_lm.server` for the model (the path without any gateway);
 - `StockLiteLLM`: a stock LiteLLM proxy (default settings) in front of a `Direct` server;
-- `Gateway`: mlxgate itself (`mlxgate start`), with its own runtime folder.
+- `Gateway`: mlxgate itself (`mlxgate start`), with its own runtime folder;
+- `VllmMlx`: vllm-mlx 0.6.0 (`--continuous-batching`), the strongest MLX engine peer, from a
+  virtualenv of the benchmarks' own (`bench/vllm-mlx/setup.sh` makes it once, ~2 GB).
 
 and the small measuring helpers they share. Medians are what the tables quote: these
 machines are shared and noisy.
@@ -48,6 +50,21 @@ def demo_model(path: Path, *flags: str) -> Path:
     return path
 
 
+def model_folders(work: Path, name: str, given: Path | None, *demo_flags: str) -> tuple[Path, Path]:
+    """(the model directory, the folder of the model measured): `given` copied in, else a demo model
+    built with `demo_flags`; beside it the tiny chat model `chat` a gateway starts with."""
+    import shutil
+
+    models = work / "models"
+    folder = models / name
+    if given:
+        shutil.copytree(given, folder)
+    else:
+        demo_model(folder, *demo_flags)
+    demo_model(models / "chat")
+    return models, folder
+
+
 def _wait(url: str, what: str, process: subprocess.Popen, timeout: float = 120, **kwargs) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -74,6 +91,37 @@ class Direct:
                                         stderr=subprocess.DEVNULL)
         _wait(self.url + "/v1/chat/completions", "mlx_lm.server", self.process,
               json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait()
+
+
+class VllmMlx:
+    """vllm-mlx serving the same model folder, batched; requests must name it `bench`."""
+
+    NAME = "bench"
+
+    def __init__(self, model: Path, work: Path, *args: str):
+        venv = os.environ.get("VLLM_MLX_VENV")  # an existing one, else the cache's (made if missing)
+        setup = subprocess.run(["bash", str(ROOT / "bench" / "vllm-mlx" / "setup.sh"), *([venv] if venv else [])],
+                               capture_output=True, text=True)
+        if setup.returncode != 0:
+            raise SystemExit(f"vllm-mlx could not be set up:\n{setup.stderr[-2000:]}")
+        binary = setup.stdout.strip().splitlines()[-1]
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        home = work / "vllm-home"  # it keeps its prefix cache under ~/.cache
+        home.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen([binary, "serve", str(model), "--continuous-batching", "--host", "127.0.0.1",
+                                         "--port", str(self.port), "--served-model-name", self.NAME, *args],
+                                        env=dict(os.environ, HOME=str(home)), stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+        _wait(self.url + "/v1/chat/completions", "vllm-mlx", self.process, timeout=300,
+              json={"model": self.NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
 
     def pid(self) -> int:
         return self.process.pid
@@ -123,11 +171,12 @@ class Gateway:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.home = work / "home"
-        self.env = dict(os.environ, MLXGATE_HOME=str(self.home), MLXGATE_CONFIG=str(work / "none.yaml"),
-                        MLXGATE_MODEL_DIRS=os.pathsep.join(map(str, model_dirs)),
-                        MLX_WRAPPER_URL=f"http://127.0.0.1:{free_port()}", MLX_DYNAMIC_PORT=str(free_port()),
-                        MLX_AUTOCOMPLETE_PORT=str(free_port()), MLXGATE_SSL_DIR=str(work / "ssl"),
-                        HF_HUB_OFFLINE="1", **env_extra)
+        self.env = {**os.environ, "MLXGATE_HOME": str(self.home), "MLXGATE_CONFIG": str(work / "none.yaml"),
+                    "MLXGATE_MODEL_DIRS": os.pathsep.join(map(str, model_dirs)),
+                    "MLX_WRAPPER_URL": f"http://127.0.0.1:{free_port()}", "MLX_DYNAMIC_PORT": str(free_port()),
+                    "MLX_AUTOCOMPLETE_PORT": str(free_port()), "MLXGATE_SSL_DIR": str(work / "ssl"),
+                    "MLXGATE_OLLAMA_PORT": str(free_port()),
+                    "HF_HUB_OFFLINE": "1", **env_extra}
         self.env.pop("DETAILED_DEBUG", None)
         if prepare is not None:
             prepare(self.env)
@@ -138,9 +187,10 @@ class Gateway:
         if result.returncode != 0:
             raise SystemExit(f"mlxgate start failed:\n{result.stdout}\n{result.stderr}")
         self.key = (self.home / "api_key").read_text().strip()
+        self.ollama_url = f"http://127.0.0.1:{self.env['MLXGATE_OLLAMA_PORT']}"
 
     def program_pids(self) -> dict[str, int]:
-        from mlxgate.supervision.control import Supervisor
+        from mlxgate.supervision.programs import Supervisor
 
         return {name: info["pid"] for name, info in Supervisor(self.home).processes().items() if info["pid"]}
 

@@ -19,7 +19,8 @@ if __name__ != "mlxgate":  # e.g. `import daemon` from the checkout: a second co
 
 __version__ = "0.1.0"
 
-# The checkout (or install) folder: supervisord.conf, plugins/, config/ and ssl/ live here.
+# The top of the checkout (site-packages when installed). supervisord.conf, plugins/, launchd/ and systemd/
+# are found through `project_files.project_file`, which also knows an installed package's copies of them.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 from .errors import RequestRejected  # noqa: E402

@@ -1,7 +1,8 @@
 """The one table from our error kinds to an HTTP status and each API's error shape.
 
 Anthropic clients get ``{"type": "error", "error": {"type", "message"}}``; OpenAI clients
-(chat, completions and the Responses API) ``{"error": {"message", "type", "param", "code"}}``.
+(chat, completions and the Responses API) ``{"error": {"message", "type", "param", "code"}}``;
+Ollama clients ``{"error": "message"}`` (a stream's error is that object on a line of its own).
 Both official SDKs retry 408, 409, 429 and every 5xx unless the answer says
 ``x-should-retry: false``; a kind whose retry cannot help says so. A stream that has
 already answered 200 ends with the same error as an event instead (`error_event`).
@@ -17,6 +18,7 @@ from .errors import MlxgateError, RequestRejected
 ANTHROPIC = "anthropic"
 OPENAI = "openai"
 RESPONSES = "responses"  # OpenAI's error shape; a stream's error is the Responses API's `error` event
+OLLAMA = "ollama"        # Ollama's API on its own port (see `proxy.ollama_edge`)
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,8 @@ KINDS: dict[str, Kind] = {
                        retry_after=True),
     "unavailable": Kind(503, "api_error", "server_error", "service_unavailable", retry_after=True),
     "model_load_failed": Kind(503, "api_error", "server_error", "model_load_failed", should_retry=False),
+    "model_too_large": Kind(503, "api_error", "server_error", "model_too_large", should_retry=False),
+    "insufficient_memory": Kind(503, "api_error", "server_error", "insufficient_memory", retry_after=True),
     "backend_error": Kind(502, "api_error", "server_error", "backend_error"),
     "api_error": Kind(500, "api_error", "server_error"),
 }
@@ -70,22 +74,26 @@ def kind_of(exc: BaseException) -> tuple[str, int | None]:
     return "api_error", None
 
 
-def error_body(api: str, kind: str, message: str) -> bytes:
+def error_body(api: str, kind: str, message: str, param: str | None = None, code: str | None = None) -> bytes:
     spec = KINDS.get(kind, KINDS["api_error"])
     if api == ANTHROPIC:
         body = {"type": "error", "error": {"type": spec.anthropic_type, "message": message}}
+    elif api == OLLAMA:
+        body = {"error": message}
     else:
-        body = {"error": {"message": message, "type": spec.openai_type, "param": None, "code": spec.openai_code}}
+        body = {"error": {"message": message, "type": spec.openai_type, "param": param,
+                          "code": code or spec.openai_code}}
     return json.dumps(body).encode()
 
 
 def error_response(api: str, kind: str, message: str, status: int | None = None,
-                   retry_after: int = 5) -> tuple[int, list[tuple[str, str]], bytes]:
+                   retry_after: int = 5, param: str | None = None,
+                   code: str | None = None) -> tuple[int, list[tuple[str, str]], bytes]:
     """(status, headers, body) of an error answer in `api`'s shape."""
     spec = KINDS.get(kind, KINDS["api_error"])
     if status is None:
         status = spec.openai_status if (api != ANTHROPIC and spec.openai_status) else spec.status
-    body = error_body(api, kind, message)
+    body = error_body(api, kind, message, param, code)
     headers = [("content-type", "application/json"), ("content-length", str(len(body)))]
     if spec.retry_after:
         headers.append(("retry-after", str(retry_after)))
@@ -96,7 +104,8 @@ def error_response(api: str, kind: str, message: str, status: int | None = None,
 
 def exception_response(api: str, exc: BaseException) -> tuple[int, list[tuple[str, str]], bytes]:
     kind, status = kind_of(exc)
-    return error_response(api, kind, str(exc), status, getattr(exc, "retry_after", 5))
+    return error_response(api, kind, str(exc), status, getattr(exc, "retry_after", 5),
+                          getattr(exc, "param", None), getattr(exc, "code", None))
 
 
 def error_event(api: str, kind: str, message: str) -> bytes:
@@ -108,6 +117,8 @@ def error_event(api: str, kind: str, message: str) -> bytes:
                  "param": None, "sequence_number": 0}
         return b"event: error\ndata: " + json.dumps(event).encode() + b"\n\n"
     body = error_body(api, kind, message)
+    if api == OLLAMA:  # NDJSON: the clients raise the line's `error`
+        return body + b"\n"
     if api == ANTHROPIC:
         return b"event: error\ndata: " + body + b"\n\n"
     return b"data: " + body + b"\n\n"

@@ -203,7 +203,7 @@ def verify_model_folder(path: Path) -> None:
         raise ValueError("the folder has no model*.safetensors weights")
     for weight in weights:
         size = weight.stat().st_size
-        raw = _safetensors_header(weight, size)
+        raw = safetensors_header(weight, size)
         try:
             header = json.loads(raw)
         except ValueError:
@@ -214,7 +214,7 @@ def verify_model_folder(path: Path) -> None:
             raise ValueError(f"{weight.name} is truncated ({size} bytes on disk)")
 
 
-def _safetensors_header(weight: Path, size: int) -> bytes:
+def safetensors_header(weight: Path, size: int) -> bytes:
     """The JSON header a safetensors file starts with (8 bytes of length, then the JSON),
     unparsed; `ValueError` when the file cannot be one."""
     with weight.open("rb") as handle:
@@ -243,7 +243,7 @@ def _digest(folder: str, stamp: tuple) -> str | None:
         weights = weight_files(Path(folder))
         for weight in weights:
             digest.update(weight.name.encode() + b"\0")
-            digest.update(_safetensors_header(weight, weight.stat().st_size))
+            digest.update(safetensors_header(weight, weight.stat().st_size))
         return digest.hexdigest() if weights else None
     except (OSError, ValueError):
         return None
@@ -268,7 +268,9 @@ _by_config: dict[tuple, Catalog] = {}
 def for_config(config) -> Catalog:
     """The catalog a gateway config describes: its model directories, the Hugging Face
     cache, and the models it names by path (trusted: the operator wrote them)."""
-    operator = tuple(m for m in (config.default_model, config.autocomplete_model) if m)
+    from .seats import configured
+
+    operator = tuple(dict.fromkeys([*(name for _, name in configured(config)), *config.models]))
     key = (config.model_dirs, config.hf_cache, operator)
     if key not in _by_config:
         _by_config[key] = Catalog(config.model_dirs, config.hf_cache, operator_models=operator)

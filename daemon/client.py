@@ -51,8 +51,8 @@ class WrapperClient:
     def models(self) -> dict:
         return self._call("GET", "/models")
 
-    def load(self, model: str, server: str = "dynamic") -> dict:
-        return self._call("POST", "/models/load", {"model": model, "server": server})
+    def load(self, model: str) -> dict:
+        return self._call("POST", "/models/load", {"model": model})
 
-    def unload(self, server: str = "dynamic") -> dict:
-        return self._call("POST", "/models/unload", {"server": server})
+    def unload(self, model: str) -> dict:
+        return self._call("POST", "/models/unload", {"model": model})

@@ -18,6 +18,7 @@ import yaml
 
 from . import PROJECT_ROOT
 from .errors import ConfigError
+from .seats import ports as seat_ports
 from .hosts.entries import parse_hosts
 
 DEFAULT_CONFIG = PROJECT_ROOT / "config" / "gateway.yaml"
@@ -37,6 +38,16 @@ def _port(value: Any) -> int:
     if not 1 <= number <= 65535:
         raise ValueError("expected a TCP port between 1 and 65535")
     return number
+
+
+def _port_or_off(value: Any) -> int:
+    """0 (off), or a TCP port."""
+    if _integer(value) == 0:
+        return 0
+    try:
+        return _port(value)
+    except ValueError:
+        raise ValueError("expected a TCP port between 1 and 65535, or 0 to turn it off") from None
 
 
 def _integer(value: Any) -> int:
@@ -109,6 +120,22 @@ def _text_list(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _networks(value: Any) -> tuple[str, ...]:
+    """IP networks (or single addresses) in CIDR form, each checked, e.g. [127.0.0.1, 10.0.0.0/8]."""
+    import ipaddress
+
+    if isinstance(value, str):  # from the environment: comma- or space-separated
+        value = [part for part in value.replace(",", " ").split() if part]
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ValueError("expected a list of IP networks such as [127.0.0.1, 192.168.1.0/24]")
+    for item in value:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address or network (CIDR such as 10.0.0.0/8)") from None
+    return tuple(value)
+
+
 def _host(value: Any) -> str:
     if not isinstance(value, str) or not value.strip() or any(c.isspace() for c in value.strip()):
         raise ValueError("expected a host address such as 127.0.0.1")
@@ -138,14 +165,117 @@ def _database_url(value: Any) -> str | None:
     return str(Path(text).expanduser())
 
 
+_UNITS = {"K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}
+
+
 def _size(value: Any) -> int:
-    if isinstance(value, str) and value.strip()[-1:].upper() in ("K", "M", "G"):
-        unit = {"K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}[value.strip()[-1].upper()]
-        return _positive_int(value.strip()[:-1]) * unit
+    text = value.strip().upper().removesuffix("B") if isinstance(value, str) else None
+    if text and text[-1:] in _UNITS:
+        try:
+            number = float(text[:-1])
+        except ValueError:
+            number = 0
+        if number > 0:
+            return int(number * _UNITS[text[-1]])
     try:
         return _positive_int(value)
     except ValueError:
-        raise ValueError("expected a size in bytes, or with K, M or G (e.g. 32M)") from None
+        raise ValueError("expected a size in bytes, or with K, M, G or T (e.g. 32M, 1.5G)") from None
+
+
+def _auto_or_size(value: Any) -> int | None:
+    """None for `auto` (the gateway works it out), else a size."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        return None
+    try:
+        return _size(value)
+    except ValueError:
+        raise ValueError("expected auto, or a size with K, M, G or T (e.g. 512M, 24G)") from None
+
+
+def _size_or_off(value: Any) -> int:
+    """0 (off), or a size."""
+    if value in (0, "0") or (isinstance(value, str) and value.strip().lower() in ("0", "off", "none")):
+        return 0
+    try:
+        return _size(value)
+    except ValueError:
+        raise ValueError("expected a size with K, M, G or T (e.g. 20G), or 0 to turn it off") from None
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _keep_alive(value: Any) -> float:
+    """Seconds a model stays loaded after its last request: -1 (never unload), 0 (unload
+    after each request), a number of seconds, or a duration such as 90s, 5m, 2h."""
+    problem = "expected -1 (never unload), 0, a number of seconds or a duration such as 5m or 2h"
+    if isinstance(value, bool):
+        raise ValueError(problem)
+    if isinstance(value, (int, float)):
+        number = float(value)
+    elif isinstance(value, str) and value.strip():
+        text = value.strip().lower()
+        unit = _DURATION_UNITS.get(text[-1]) if text[-1].isalpha() else 1
+        try:
+            number = float(text[:-1] if text[-1].isalpha() else text) * (unit or 0)
+        except ValueError:
+            raise ValueError(problem) from None
+        if unit is None:
+            raise ValueError(problem)
+    else:
+        raise ValueError(problem)
+    if number < 0 and number != -1:
+        raise ValueError(problem)
+    return number
+
+
+def _kv_bits(value: Any) -> int | None:
+    if value is None:
+        return None
+    bits = _integer(value)
+    if bits not in KV_BITS:
+        raise ValueError(f"expected one of {', '.join(map(str, KV_BITS))} (bits per value of the KV cache)")
+    return bits
+
+
+KV_BITS = (2, 3, 4, 6, 8)
+def _model_kind(value: Any) -> str:
+    if value not in MODEL_KINDS:
+        raise ValueError(f"expected one of {', '.join(MODEL_KINDS)} (what the folder's files say, when they say "
+                         f"something else)")
+    return value
+
+
+MODEL_KINDS = ("chat", "embedding", "reranker", "vision")
+MODEL_SETTINGS = {"pinned": _boolean, "keep_alive": _keep_alive, "prompt_cache": _auto_or_size,
+                  "kv_bits": _kv_bits, "kind": _model_kind}
+
+
+def _models(value: Any) -> dict[str, dict[str, Any]]:
+    """Settings of single models, by model name: pinned, keep_alive, prompt_cache, kv_bits."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _Invalid("expected a mapping of model names to their settings", got=_kind(value))
+    out: dict[str, dict[str, Any]] = {}
+    for name, settings in value.items():
+        if not isinstance(name, str) or not name.strip():
+            raise _Invalid("expected a model name", at=(name,), got=_kind(name))
+        if not isinstance(settings, dict):
+            raise _Invalid(f"expected a mapping with keys among {', '.join(MODEL_SETTINGS)}", at=(name,),
+                           got=_kind(settings))
+        parsed = {}
+        for key, raw in settings.items():
+            if key not in MODEL_SETTINGS:
+                raise _Invalid(f"unknown key; expected one of {', '.join(MODEL_SETTINGS)}", at=(name, key),
+                               got=repr(key))
+            try:
+                parsed[key] = MODEL_SETTINGS[key](raw)
+            except ValueError as exc:
+                raise _Invalid(str(exc), at=(name, key), got=repr(raw)) from None
+        out[name.strip()] = parsed
+    return out
 
 
 class _Invalid(ValueError):
@@ -256,19 +386,29 @@ SETTINGS: tuple[Setting, ...] = (
             "Folders that hold local models; a model is named by its folder path inside one.",
             "[~/models]"),
     Setting("default_model", _optional_text, None, "MLXGATE_DEFAULT_MODEL",
-            "Model loaded on the dynamic server at start (a name or a trusted path).",
+            "Model for claude-* and gpt-* names: loaded at start, pinned, served on dynamic_port "
+            "(a name or a trusted path).",
             "mlx-community/Qwen2.5-Coder-3B-8bit"),
     Setting("autocomplete_model", _optional_text, None, "MLXGATE_AUTOCOMPLETE_MODEL",
-            "Small model kept loaded on the autocomplete server (a name or a trusted path).",
+            "Small model for the autocomplete alias and *haiku* names: loaded at start, pinned, served on "
+            "autocomplete_port (a name or a trusted path).",
             "mlx-community/Qwen2.5-Coder-0.5B-8bit"),
+    Setting("embedding_model", _optional_text, None, "MLXGATE_EMBEDDING_MODEL",
+            "Embedding model for OpenAI's text-embedding-* names on /v1/embeddings (loaded when first asked "
+            "for; a name or a trusted path).",
+            "mlx-community/all-MiniLM-L6-v2-bf16"),
+    Setting("vision_fallback", _optional_text, None, "MLXGATE_VISION_FALLBACK",
+            "Vision model that answers a request holding images which names a text model: the whole request "
+            "goes to it, and its answer names it (unset: such a request is a 400 naming the local vision models).",
+            "mlx-community/Qwen2.5-VL-3B-Instruct-4bit"),
     Setting("wrapper_url", _url, "http://127.0.0.1:11401", "MLX_WRAPPER_URL",
             "Where the wrapper's management API listens.", "http://127.0.0.1:11401"),
     Setting("dynamic_port", _port, 11402, "MLX_DYNAMIC_PORT",
-            "Port of the dynamic model server (switches model on demand).", "11402"),
+            "Port of the default model's server; other models get ports the wrapper chooses.", "11402"),
     Setting("autocomplete_port", _port, 11403, "MLX_AUTOCOMPLETE_PORT",
-            "Port of the autocomplete model server.", "11403"),
+            "Port of the autocomplete model's server.", "11403"),
     Setting("fixed_model", _optional_text, None, "MLXGATE_FIXED_MODEL",
-            "Serve every requested name with this one model, never switching.",
+            "Serve every requested name with this one model (no other model is ever loaded).",
             "mlx-community/Qwen2.5-Coder-3B-8bit"),
     Setting("aliases", _aliases, {}, None,
             "Extra names for local models, e.g. {coder: mlx-community/Qwen2.5-Coder-3B-8bit}.",
@@ -279,7 +419,7 @@ SETTINGS: tuple[Setting, ...] = (
             "model so an agent that alternates never forces a swap.",
             "{'*haiku*': autocomplete, 'claude-*': default}"),
     Setting("autocomplete_alias", _optional_text, "autocomplete", "MLXGATE_AUTOCOMPLETE_ALIAS",
-            "The model name clients use to reach the autocomplete server.", "autocomplete"),
+            "The model name clients use to reach the autocomplete model.", "autocomplete"),
     Setting("host", _host, "127.0.0.1", "MLXGATE_HOST",
             "Address the proxy listeners bind; 0.0.0.0 exposes the gateway to the network.",
             "127.0.0.1"),
@@ -290,6 +430,9 @@ SETTINGS: tuple[Setting, ...] = (
             "false"),
     Setting("https_port", _port, 11433, "MLXGATE_HTTPS_PORT",
             "Port of the HTTPS proxy.", "11433"),
+    Setting("ollama_port", _port_or_off, 11434, "MLXGATE_OLLAMA_PORT",
+            "Port of Ollama's API (/api/chat, /api/generate, /api/tags, ...), served by the HTTP proxy on "
+            "127.0.0.1 only and without a key, as Ollama serves it; 0 turns it off.", "11434"),
     Setting("ssl_domain", _optional_text, None, "MLXGATE_SSL_DOMAIN",
             "Extra domain the HTTPS certificate is valid for (e.g. api.anthropic.com).",
             "api.anthropic.com"),
@@ -301,6 +444,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ssl_dir", _optional_text, None, "MLXGATE_SSL_DIR",
             "Folder of the certificate authority and certificates (default: ssl/ of the checkout).",
             "ssl"),
+    Setting("docker_dir", _optional_text, None, "MLXGATE_DOCKER_DIR",
+            "Folder of the Docker stack: its docker-compose.yml and the files it mounts (default: docker/ "
+            "of the checkout). `mlxgate docker up` writes the stack's .env there.", "docker"),
     Setting("plugin_dirs", _path_list, [], "MLXGATE_PLUGIN_DIRS",
             "Extra folders whose *.py files are loaded as plugins, after the built-in plugins/.",
             "[~/.mlxgate/plugins]"),
@@ -311,14 +457,41 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_body", _size, "32M", "MLXGATE_MAX_BODY",
             "Largest request body the proxy accepts; larger ones get 413.", "32M"),
     Setting("max_queue", _positive_int, 16, "MLXGATE_MAX_QUEUE",
-            "Requests that may wait per model server; more get 529 (Anthropic) or 503 (OpenAI).", "16"),
+            "Requests that may wait per model; more get 529 (Anthropic) or 503 (OpenAI).", "16"),
     Setting("max_parallel", _positive_int, 8, "MLXGATE_MAX_PARALLEL",
-            "Requests a model server works on at once, batched by mlx_lm.server.", "8"),
+            "Requests one model's server works on at once, batched by mlx_lm.server.", "8"),
     Setting("drain_timeout", _seconds, 120, "MLXGATE_DRAIN_TIMEOUT",
-            "Seconds a model switch waits for the current model's requests before ending them.", "120"),
+            "Seconds an unload (or `mlxgate unload`) waits for the model's requests before ending them.", "120"),
     Setting("stall_timeout", _seconds, 30, "MLXGATE_STALL_TIMEOUT",
-            "Seconds a model server may go without sending anything while it has work; then it is "
-            "restarted with the same model and its requests get an error.", "30"),
+            "Seconds a model server may go without answering the watchdog's look (its generation loop "
+            "stalled, or the process stopped) while using no CPU; then it is restarted with the same model, "
+            "busy or idle, and its requests get an error.", "30"),
+    # ---- the resident set (see "Models that stay loaded" in the README)
+    Setting("memory_budget", _auto_or_size, "auto", "MLXGATE_MEMORY_BUDGET",
+            "Memory the resident models may use together: weights, prompt cache allowance and process "
+            "each. auto: the Metal recommended working set less 10 % (at least 1 GiB) on macOS, 70 % of "
+            "physical memory elsewhere. A model that does not fit evicts the least recently used idle ones.",
+            "24G"),
+    Setting("keep_alive", _keep_alive, "30m", "MLXGATE_KEEP_ALIVE",
+            "How long a model stays loaded after its last request (seconds, or 90s, 5m, 2h); 0 unloads after "
+            "each request, -1 never. Pinned models stay.", "30m"),
+    Setting("prompt_cache", _auto_or_size, "auto", "MLXGATE_PROMPT_CACHE",
+            "Bytes of prompt (KV) cache each model server may keep, counted in its cost. auto: the KV cache of "
+            "64K tokens (or the model's window) from its config, from 256M to a quarter of the budget.",
+            "2G"),
+    Setting("prompt_cache_disk", _size_or_off, "20G", "MLXGATE_PROMPT_CACHE_DISK",
+            "Disk the prompt caches of all models may use in the runtime folder (kv/): long prefixes that "
+            "leave memory (unload, restart, eviction) are kept there and read back instead of prefilled. "
+            "0 turns the tier off.", "20G"),
+    Setting("image_fetch_allow", _networks, [], "MLXGATE_IMAGE_FETCH_ALLOW",
+            "Networks URL images may be fetched from although they are loopback, link-local or private (the "
+            "gateway fetches image URLs itself, and by default only from global addresses).",
+            "[192.168.1.0/24]"),
+    Setting("models", _models, {}, None,
+            "Settings of single models by name: pinned (loaded at start, never evicted), keep_alive, "
+            "prompt_cache, kv_bits (a quantized KV cache: about half the memory at 8 bits, but that model's "
+            "requests are served one at a time).",
+            "{mlx-community/Qwen3-30B-A3B-4bit: {pinned: true, kv_bits: 8}}"),
     Setting("server_args", _text_list, [], None,
             "Extra command-line arguments for every mlx_lm.server (e.g. --kv-bits 8).", "[]"),
     Setting("detailed_debug", _boolean, False, "DETAILED_DEBUG",
@@ -339,14 +512,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("listen", _listen, None, "MLXGATE_LISTEN",
             "Address other gateways reach this machine's relay at, over TLS with the key (its "
             "certificate carries it); none: the relay serves loopback only.", "192.168.1.20"),
-    Setting("listen_port", _port, 11434, "MLXGATE_LISTEN_PORT",
-            "Port of the relay's TLS listener on the listen address.", "11434"),
+    Setting("listen_port", _port, 11435, "MLXGATE_LISTEN_PORT",
+            "Port of the relay's TLS listener on the listen address.", "11435"),
     Setting("hosts", parse_hosts, [], None,
             "Other mlxgate machines requests may go to, each {name, url, ca_sha256}; "
             "`mlxgate hosts add` writes them.",
-            "[{name: studio, url: 'https://192.168.1.20:11434', ca_sha256: 9f86d0...}]"),
+            "[{name: studio, url: 'https://192.168.1.20:11435', ca_sha256: 9f86d0...}]"),
     Setting("distributed", _distributed, {}, None,
-            "Serve the dynamic model across machines with mlx.launch: {hosts: [addresses, one per rank, "
+            "Serve the default model across machines with mlx.launch: {hosts: [addresses, one per rank, "
             "this machine first], backend: ring, pipeline: false, starting_port: 32323}.",
             "{hosts: [10.0.0.1, 10.0.0.2], backend: ring}"),
 )
@@ -372,6 +545,10 @@ class _Derived:
     @property
     def ssl_path(self) -> Path:
         return Path(self.ssl_dir).expanduser() if self.ssl_dir else PROJECT_ROOT / "ssl"
+
+    @property
+    def docker_path(self) -> Path:
+        return Path(self.docker_dir).expanduser() if self.docker_dir else PROJECT_ROOT / "docker"
 
     @property
     def local_host(self) -> str:
@@ -494,12 +671,13 @@ def load_config(path: Path | None = None, env: Mapping[str, str] = os.environ,
             raise ConfigError(f"{where}{below}: {exc}, got {got}. "
                               f"Fix: set it like `{setting.key}: {setting.example}`.") from None
 
-    ports = {"dynamic_port": values["dynamic_port"], "autocomplete_port": values["autocomplete_port"],
-             "wrapper_url": urlparse(values["wrapper_url"]).port, "port": values["port"]}
+    ports = {**seat_ports(values), "wrapper_url": urlparse(values["wrapper_url"]).port, "port": values["port"]}
     if values["enable_https"]:
         ports["https_port"] = values["https_port"]
     if values["listen"]:
         ports["listen_port"] = values["listen_port"]
+    if values["ollama_port"]:
+        ports["ollama_port"] = values["ollama_port"]
     if values["fixed_model"]:
         values["default_model"] = values["fixed_model"]
     if len(set(ports.values())) != len(ports):

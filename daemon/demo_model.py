@@ -13,6 +13,10 @@ prompt with a marker token:
 - tools offered: a real `<tool_call>` for `get_weather` with `{"city": "Paris"}`
 - after a tool result: "It is sunny in Paris!"
 - thinking enabled (and no tools): `<think>Checking the question</think>` then the plain answer
+- with `steps` (`demo-model --steps FILE`): while tools are offered, step N of a fixed list (a
+  tool call, or a text) after N tool results, then the answer after a tool result above; so an
+  agent's own tools (read the file, then edit it) run with the arguments the list gives. A list
+  of texts only is answered with or without tools (an agent that edits through its replies)
 
 `mlx_lm.server` parses the tool call and the thinking like a real Qwen model's, so
 the scripted model drives an agent loop end to end.
@@ -50,14 +54,21 @@ CORPUS = [
 ]
 
 
-TOOL_CALL_JSON = '\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+# the tool call in pieces that end where a grammar's parts end (the call's frame, its arguments), so a
+# model server that holds tool calls to a grammar (tool_choice required) lets the script through
+TOOL_CALL_PIECES = ['\n{"name": "get_weather", "arguments": ', '{"city": "Paris"}', '}\n']
+TOOL_CALL_JSON = "".join(TOOL_CALL_PIECES)
 # marker token that ends the generation prompt -> the tokens that follow it
 SCRIPT = {
     "<|plain|>": ["Hello", " from", " mlxgate", ".", " How", " can", " I", " help", "?"],
-    "<|tools|>": ["<tool_call>", TOOL_CALL_JSON, "</tool_call>"],
+    "<|tools|>": ["<tool_call>", *TOOL_CALL_PIECES, "</tool_call>"],
     "<|answer|>": ["It", " is", " sunny", " in", " Paris", "!"],
     "<|reason|>": ["<think>", "Checking", " the", " question", "</think>", "Hello"],
 }
+# fill-in-the-middle (`--fim`): Qwen2.5-Coder's tokens; scripted, the middle is a fixed line
+FIM_TOKENS = ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", "<|fim_pad|>", "<|file_sep|>", "<|repo_name|>"]
+FIM_SCRIPT = {"<|fim_middle|>": ["return", " a", " +", " b"]}
+FIM_ANSWER = "".join(FIM_SCRIPT["<|fim_middle|>"])
 PLAIN_ANSWER = "".join(SCRIPT["<|plain|>"])
 TOOL_ANSWER = "".join(SCRIPT["<|answer|>"])
 THINKING = "".join(SCRIPT["<|reason|>"][1:-2])
@@ -78,11 +89,29 @@ SCRIPTED_TEMPLATE = (
     "{{- '<|im_end|>\\n' }}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
-    "{%- if messages[-1]['role'] == 'tool' %}{{- '<|answer|>' }}"
+    "{%- set ns = namespace(n=0) %}{%- for m in messages %}{%- if m['role'] == 'tool' %}"
+    "{%- set ns.n = ns.n + 1 %}{%- endif %}{%- endfor %}"
+    "{%- if (tools or TEXT_ONLY) and ns.n < STEPS %}{{- '<|step_' ~ ns.n ~ '|>' }}"
+    "{%- elif messages[-1]['role'] == 'tool' %}{{- '<|answer|>' }}"
     "{%- elif tools %}{{- '<|tools|>' }}"
     "{%- elif enable_thinking %}{{- '<|reason|>' }}"
     "{%- else %}{{- '<|plain|>' }}{%- endif %}{%- endif %}"
 )
+
+
+def step_marker(index: int) -> str:
+    return f"<|step_{index}|>"
+
+
+def step_text(step: dict) -> str:
+    """What the scripted model writes for one step: {"tool": NAME, "arguments": {...}} (a tool call
+    in the Qwen / Hermes form mlx_lm parses) or {"text": "..."}."""
+    if "tool" in step:
+        call = {"name": step["tool"], "arguments": step.get("arguments") or {}}
+        return f"<tool_call>\n{json.dumps(call)}\n</tool_call>"
+    if isinstance(step.get("text"), str) and step["text"]:
+        return step["text"]
+    raise ValueError(f"a step is {{\"tool\": NAME, \"arguments\": {{...}}}} or {{\"text\": TEXT}}, not {step!r}")
 
 
 @dataclass(frozen=True)
@@ -98,38 +127,63 @@ class DemoModelSpec:
     context: int = 2048
     seed: int = 0
     scripted: bool = False
+    fim: bool = False  # Qwen2.5-Coder's fill-in-the-middle tokens (scripted: a fixed middle after them)
+    steps: tuple[str, ...] = ()  # scripted: the text of each step (`step_text`), while tools are offered
+
+    def chains(self) -> list[tuple[str, list[str], str]]:
+        """(marker, the tokens it leads to, the token that ends them) of a scripted model."""
+        if not self.scripted:
+            return []
+        chains = [(marker, words, "<|im_end|>") for marker, words in SCRIPT.items()]
+        chains += [(step_marker(i), [text], "<|im_end|>") for i, text in enumerate(self.steps)]
+        if self.fim:
+            chains += [(marker, words, "<|endoftext|>") for marker, words in FIM_SCRIPT.items()]
+        return chains
 
 
-def _train_tokenizer(vocab_size: int, scripted: bool = False):
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+def bpe_tokenizer(vocab_size: int, specials: list[str], corpus: list[str]):
+    """A byte-level BPE tokenizer trained on a fixed corpus: the same on every machine."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(CORPUS * 4, trainer)
-    if scripted:
-        tokenizer.add_special_tokens(list(SCRIPT))
-        words = [word for chain in SCRIPT.values() for word in chain]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(corpus * 4, trainer)
+    return tokenizer
+
+
+def tokenizer_config_of(added: dict, context: int, chat_template: str, **extra) -> dict:
+    """tokenizer_config.json of a demo model: a fast tokenizer, Qwen's end and pad tokens."""
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "added_tokens_decoder": added, "bos_token": None,
+            "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": None, "model_max_length": context,
+            "clean_up_tokenization_spaces": False, **extra, "chat_template": chat_template}
+
+
+def _train_tokenizer(vocab_size: int, spec: "DemoModelSpec"):
+    from tokenizers import AddedToken
+
+    tokenizer = bpe_tokenizer(vocab_size, SPECIAL_TOKENS, CORPUS)
+    if spec.fim:
+        tokenizer.add_special_tokens(FIM_TOKENS)
+    if spec.scripted:
+        tokenizer.add_special_tokens([*SCRIPT, *(step_marker(i) for i in range(len(spec.steps)))])
+        words = [word for _, chain, _ in spec.chains() for word in chain]
         tokenizer.add_tokens([AddedToken(word, normalized=False) for word in dict.fromkeys(words)])
     return tokenizer
 
 
-def _script_weights(weights: dict, tokenizer, hidden: int) -> dict:
+def script_weights(weights: dict, tokenizer, hidden: int, chains: list) -> dict:
     """Silence the layers and wire each chain token to predict its successor."""
     import mlx.core as mx
     import numpy as np
 
     successor: dict[int, int] = {}
-    for marker, chain in SCRIPT.items():
+    for marker, chain, end in chains:
         ids = [tokenizer.token_to_id(t) for t in [marker, *chain]]
         if ids[-1] not in successor:  # a chain may end by joining another one ("Hello")
-            ids.append(tokenizer.token_to_id("<|im_end|>"))
+            ids.append(tokenizer.token_to_id(end))
         for a, b in zip(ids, ids[1:]):
             if successor.get(a, b) != b:
                 raise ValueError(f"token {tokenizer.id_to_token(a)!r} has two successors in the script")
@@ -163,7 +217,7 @@ def build_demo_model(target: Path, spec: DemoModelSpec = DemoModelSpec()) -> Pat
 
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
-    tokenizer = _train_tokenizer(spec.vocab, spec.scripted)
+    tokenizer = _train_tokenizer(spec.vocab, spec)
     tokenizer.save(str(target / "tokenizer.json"))
     vocab_size = tokenizer.get_vocab_size()
     im_end = tokenizer.token_to_id("<|im_end|>")
@@ -186,8 +240,9 @@ def build_demo_model(target: Path, spec: DemoModelSpec = DemoModelSpec()) -> Pat
         "eos_token_id": im_end,
     }
     (target / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    specials = SPECIAL_TOKENS + (list(SCRIPT) if spec.scripted else [])
-    words = [w for chain in SCRIPT.values() for w in chain] if spec.scripted else []
+    specials = SPECIAL_TOKENS + (FIM_TOKENS if spec.fim else []) + (
+        [*SCRIPT, *(step_marker(i) for i in range(len(spec.steps)))] if spec.scripted else [])
+    words = [w for _, chain, _ in spec.chains() for w in chain]
     added = {
         str(tokenizer.token_to_id(tok)): {
             "content": tok, "lstrip": False, "normalized": False,
@@ -195,24 +250,17 @@ def build_demo_model(target: Path, spec: DemoModelSpec = DemoModelSpec()) -> Pat
         }
         for tok in dict.fromkeys(specials + words)
     }
-    tokenizer_config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "added_tokens_decoder": added,
-        "bos_token": None,
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>",
-        "unk_token": None,
-        "model_max_length": spec.context,
-        "clean_up_tokenization_spaces": False,
-        "chat_template": SCRIPTED_TEMPLATE if spec.scripted else CHAT_TEMPLATE,
-    }
+    template = (SCRIPTED_TEMPLATE.replace("STEPS", str(len(spec.steps))).replace(
+        "TEXT_ONLY", "true" if spec.steps and not any(t.startswith("<tool_call>") for t in spec.steps) else "false")
+        if spec.scripted else CHAT_TEMPLATE)
+    tokenizer_config = tokenizer_config_of(added, spec.context, template)
     (target / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
 
     mx.random.seed(spec.seed)
     model = qwen2.Model(qwen2.ModelArgs.from_dict(config))
     weights = dict(tree_flatten(model.parameters()))
     if spec.scripted:
-        weights = _script_weights(weights, tokenizer, spec.hidden)
+        weights = script_weights(weights, tokenizer, spec.hidden, spec.chains())
     else:  # the head never favours an end token: answers run to max_tokens, as long as asked
         head = mx.array(weights["model.embed_tokens.weight"])
         ends = mx.array([im_end, eot])

@@ -28,10 +28,11 @@ class Finding:
 def diagnose(config: Config, platform: str = sys.platform, run: Callable = run,
              manager: service.Systemd | service.Launchd | None = None) -> list[Finding]:
     from .supervision import control
+    from .supervision.programs import Supervisor
 
     record = load_record(config.home)
     steps = {spec["kind"]: spec for spec in record.get("privileged", [])}
-    running = control.Supervisor(config.home).running()
+    running = Supervisor(config.home).running()
     found = [_key_file(config), *_models(config), *_ports(config, running), *_certificates(config, steps)]
     if "hosts" in steps:
         found.append(_hosts(steps["hosts"]))
@@ -67,25 +68,27 @@ def _key_file(config: Config) -> Finding:
 
 
 def _models(config: Config) -> list[Finding]:
-    from .supervision.control import MODEL_FIXES, missing_model, missing_models
+    from .supervision.preflight import MODEL_FIXES, missing_model, missing_models
+
+    from . import seats
 
     missing = dict(missing_models(config))
     found = []
-    for key in ("default_model", "autocomplete_model"):
-        name = getattr(config, key)
-        if name and key in missing:
+    for seat, name in seats.configured(config):
+        key = seat.model_key
+        if key in missing:
             what, fixes = missing_model(config, name, key).split(MODEL_FIXES, 1)
             found.append(Finding(False, key, what.strip(), "one of:" + fixes))
-        elif name:
+        else:
             found.append(Finding(True, key, f"{name} is on this machine"))
     return found
 
 
 def _ports(config: Config, running: bool) -> list[Finding]:
+    from . import seats
     from .net import port_in_use
 
-    wanted = {"port": config.port, "wrapper_url": config.wrapper_port, "dynamic_port": config.dynamic_port,
-              "autocomplete_port": config.autocomplete_port}
+    wanted = {"port": config.port, "wrapper_url": config.wrapper_port, **seats.ports(config)}
     if config.enable_https:
         wanted["https_port"] = config.https_port
     if running:

@@ -42,6 +42,18 @@ class ModelLoadTimeout(ModelLoadFailed):
     """A model server did not become ready within the load timeout."""
 
 
+class ModelTooLarge(MlxgateError):
+    """A model cannot fit in the memory budget whatever is unloaded; retrying will not help."""
+
+    kind = "model_too_large"
+
+
+class InsufficientMemory(MlxgateError):
+    """The machine lacks the free memory a load needs now (other programs hold it)."""
+
+    kind = "insufficient_memory"
+
+
 class Overloaded(MlxgateError):
     """The queue is full; `retry_after` is a hint in seconds."""
 
@@ -72,6 +84,9 @@ class RequestRejected(MlxgateError):
     request_too_large, rate_limit, overloaded, unavailable, model_load_failed, api_error.
     """
 
+    param: str | None = None  # the field at fault, where the API's error shape has a place for it
+    code: str | None = None   # a code more precise than the kind's own (OpenAI shapes)
+
     def __init__(self, status: int, message: str, kind: str = "invalid_request"):
         super().__init__(message)
         self.status = status
@@ -81,3 +96,7 @@ class RequestRejected(MlxgateError):
 def invalid(message: str) -> RequestRejected:
     """A 400 for a request that breaks the API's contract; the message names the field."""
     return RequestRejected(400, message, "invalid_request")
+
+
+class StartBlocked(MlxgateError):
+    """What stopped a start needs a person: starting again would meet it again."""

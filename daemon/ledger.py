@@ -17,7 +17,7 @@ from .usage import COLUMNS, Record
 
 SQLITE_FILE = "usage.sqlite"
 TYPES = {"at": "DOUBLE PRECISION", "status": "INTEGER", "input_tokens": "BIGINT", "cached_tokens": "BIGINT",
-         "output_tokens": "BIGINT", "ttft_ms": "DOUBLE PRECISION", "total_ms": "DOUBLE PRECISION",
+         "output_tokens": "BIGINT", "images": "INTEGER", "ttft_ms": "DOUBLE PRECISION", "total_ms": "DOUBLE PRECISION",
          "queue_ms": "DOUBLE PRECISION", "cancelled": "BOOLEAN", "stream": "BOOLEAN"}
 GROUPS = {  # --by: the SQL expression a row is grouped by
     "model": "served_model",
@@ -32,6 +32,16 @@ def _schema(sqlite: bool) -> list[str]:
     columns = ", ".join(f"{name} {TYPES.get(name, 'TEXT')}" for name in COLUMNS)
     return [f"CREATE TABLE IF NOT EXISTS requests ({key}, {columns})",
             "CREATE INDEX IF NOT EXISTS requests_at ON requests (at)"]
+
+
+def _added_columns(conn, sqlite: bool) -> list[str]:
+    """The statements that give a ledger written by an earlier version the columns added since."""
+    if sqlite:
+        have = {row[1] for row in conn.execute("PRAGMA table_info(requests)")}
+    else:
+        have = {row[0] for row in conn.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'requests'")}
+    return [f"ALTER TABLE requests ADD COLUMN {name} {TYPES.get(name, 'TEXT')}" for name in COLUMNS if name not in have]
 
 
 class Ledger:
@@ -58,6 +68,8 @@ class Ledger:
                 import psycopg
                 self._conn = psycopg.connect(self.url, connect_timeout=5, autocommit=True)
             for statement in _schema(self.sqlite):
+                self._conn.execute(statement)
+            for statement in _added_columns(self._conn, self.sqlite):
                 self._conn.execute(statement)
             if self.sqlite:
                 self._conn.commit()

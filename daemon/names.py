@@ -4,6 +4,8 @@
 - A bare name also tries the ``mlx-community`` organisation:
   ``Qwen2.5-Coder-3B-8bit`` → ``Qwen2.5-Coder-3B-8bit``, ``mlx-community/Qwen2.5-Coder-3B-8bit``.
 - ``org/name`` forms are kept as they are.
+- Ollama's default tag is dropped: ``qwen2.5-coder:latest`` → ``qwen2.5-coder`` (other tags
+  such as ``:7b`` are part of the name, which an alias can give a model).
 - A name is at most 256 characters of letters, digits and ``. _ - / : @ + [ ]``
   (checked before anything looks at the disk), and never escapes the model directories:
   ``..``, absolute paths, home-relative and empty components are refused.
@@ -37,6 +39,14 @@ def strip_provider(name: str) -> str:
     return name
 
 
+LATEST_TAG = ":latest"
+
+
+def strip_tag(name: str) -> str:
+    """Remove Ollama's default tag (``NAME:latest`` → ``NAME``)."""
+    return name[:-len(LATEST_TAG)] if name.endswith(LATEST_TAG) and len(name) > len(LATEST_TAG) else name
+
+
 def check_requested(name) -> str:
     """Return `name` if it has the form of a model name, else raise `UnsafeModelName`."""
     if not isinstance(name, str):
@@ -68,7 +78,7 @@ def check_safe(name: str) -> str:
 
 def candidates(requested: str) -> list[str]:
     """Folder names to try, in order, for a name a client sent."""
-    name = check_safe(strip_provider(requested))
+    name = check_safe(strip_tag(strip_provider(requested)))
     if "/" in name:
         return [name]
     return [name, f"{DEFAULT_ORG}/{name}"]

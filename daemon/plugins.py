@@ -12,18 +12,19 @@ import logging
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Iterable
 
 import pluggy
 
-from . import PROJECT_ROOT, hookspecs
+from . import hookspecs
 from .errors import PluginError
+from .project_files import project_file
 
 log = logging.getLogger("mlxgate.plugins")
 
-BUILTIN_DIR = PROJECT_ROOT / "plugins"
-BUILTIN_PLUGINS = ("normalize", "ensure_loaded", "token_cap")
+BUILTIN_PLUGINS = ("normalize", "ensure_loaded", "token_cap", "stable_prefix")
 
 
 def _load_file(path: Path, module_name: str):
@@ -45,13 +46,14 @@ def _load_file(path: Path, module_name: str):
 
 def plugin_files(dirs: Iterable[Path]) -> list[Path]:
     """User plugin files: every *.py in the folders, built-ins excluded, by name."""
+    builtin_dir = project_file("plugins").resolve()
     files = []
     for folder in dirs:
         folder = Path(folder).expanduser()
         for path in sorted(folder.glob("*.py")) if folder.is_dir() else ():
             if path.name.startswith("_"):
                 continue
-            if folder.resolve() == BUILTIN_DIR.resolve() and path.stem in BUILTIN_PLUGINS:
+            if folder.resolve() == builtin_dir and path.stem in BUILTIN_PLUGINS:
                 continue
             files.append(path)
     return files
@@ -64,10 +66,10 @@ def make_manager(plugin_dirs: Iterable[Path] = (), entry_points: bool | None = N
         entry_points = os.environ.get("MLXGATE_LOAD_ENTRY_POINTS", "1").strip() != "0"
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
+    builtin_dir = project_file("plugins")
     for name in BUILTIN_PLUGINS:
-        _register(pm, _load_file(BUILTIN_DIR / f"{name}.py", f"mlxgate_plugins.{name}"),
-                  BUILTIN_DIR / f"{name}.py")
-    for path in plugin_files([BUILTIN_DIR, *plugin_dirs]):
+        _register(pm, _load_file(builtin_dir / f"{name}.py", f"mlxgate_plugins.{name}"), builtin_dir / f"{name}.py")
+    for path in plugin_files([builtin_dir, *plugin_dirs]):
         _register(pm, _load_file(path, f"mlxgate_user_plugins.{path.stem}"), path)
     if entry_points:
         for entry in importlib.metadata.entry_points(group=hookspecs.PROJECT):
@@ -89,9 +91,13 @@ def make_manager(plugin_dirs: Iterable[Path] = (), entry_points: bool | None = N
 
 
 def _register(pm: pluggy.PluginManager, plugin, origin) -> None:
-    try:
-        pm.register(plugin, name=str(origin))
-    except pluggy.PluginValidationError as exc:
-        raise PluginError(f"plugin {origin}: {exc}") from None
-    except ValueError:
-        pass  # already registered: loading is idempotent
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            pm.register(plugin, name=str(origin))
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(f"plugin {origin}: {exc}") from None
+        except ValueError:
+            pass  # already registered: loading is idempotent
+    for warning in caught:  # a hook of the old contract: it still works, and the log says what to change
+        log.warning("plugin %s: %s", origin, warning.message)

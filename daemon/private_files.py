@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -12,3 +13,19 @@ def write_private(path: Path, data: bytes) -> None:
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
     os.chmod(path, 0o600)
+
+
+def replace_private(path: Path, data: bytes) -> None:
+    """Write `data` to `path` with mode 600 so that readers see the old file or the new one, never a
+    part, also after a crash: a temporary file beside it, synced, then renamed over it. A reader that
+    holds the old file (a container's bind mount) keeps the old one; use `write_private` for those."""
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

@@ -5,20 +5,30 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# Names the local model that must answer (the hooks decided it); absent: the one serving.
+# Names the local model that must answer (the hooks decided it); required.
 MODEL_HEADER = "x-mlxgate-model"
 # The model name the client asked for, for the usage record.
 REQUESTED_HEADER = "x-mlxgate-requested-model"
 # The client's own headers the relay reads, for the usage record (who sent it).
 CLIENT_HEADERS = ("user-agent", "originator")
 
-# The relay's routes, after /backends/<server> (server: dynamic or autocomplete).
+# The relay's routes, after RELAY_PREFIX; the model is the header's.
+RELAY_PREFIX = "/relay"
 MESSAGES = "/v1/messages"
 COUNT_TOKENS = "/v1/messages/count_tokens"
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 RESPONSES = "/v1/responses"
 RESPONSE_INPUT_TOKENS = "/v1/responses/input_tokens"
+EMBEDDINGS = "/v1/embeddings"
+RERANK = "/v1/rerank"
+# Ollama's API (its listener is the proxy's, `proxy.ollama_edge`): POST /api/chat, /api/generate,
+# /api/embed, /api/embeddings and /api/show reach the relay here.
+OLLAMA_CHAT = "/v1/ollama/chat"
+OLLAMA_GENERATE = "/v1/ollama/generate"
+OLLAMA_EMBED = "/v1/ollama/embed"
+OLLAMA_EMBEDDINGS = "/v1/ollama/embeddings"
+OLLAMA_SHOW = "/v1/ollama/show"
 
 # A host's relay listener serves its certificate authority here, unauthenticated: what
 # `mlxgate hosts add` fetches and shows by fingerprint before pinning it.
@@ -28,8 +38,8 @@ CA_PATH = "/ca.pem"
 STORED_RESPONSES = "/responses"
 
 
-def relay_path(server: str, api_path: str) -> str:
-    return f"/backends/{server}{api_path}"
+def relay_path(api_path: str) -> str:
+    return RELAY_PREFIX + api_path
 
 
 # The relay's local door: a Unix socket in the runtime folder (see `wrapper.doors`). Its

@@ -51,13 +51,14 @@ class Record:
     route: str                        # the hooks' route: anthropic_messages, chat_completions, ...
     requested_model: str = ""
     served_model: str = ""            # the local model or LiteLLM deployment that answered
-    server: str = ""                  # dynamic, autocomplete, litellm, or "" (answered by the proxy)
+    server: str = ""                  # local, litellm, or "" (answered by the proxy)
     client: str = "unknown"
     status: int = 200                 # the HTTP status; a stream that ended with an error event: 200
     error: str = ""                   # our error kind, when it failed
     input_tokens: int = 0             # prompt tokens not read from the prompt cache
     cached_tokens: int = 0            # prompt tokens read from the prompt cache
     output_tokens: int = 0
+    images: int = 0                   # images in the prompt
     ttft_ms: float | None = None      # to the first content the model sent
     total_ms: float = 0.0
     queue_ms: float | None = None     # waiting for its turn (and its model's load)

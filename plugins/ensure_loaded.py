@@ -11,7 +11,7 @@ from mlxgate.hookspecs import hookimpl
 
 
 @hookimpl(trylast=True)
-def mlxgate_ensure_loaded(ctx):
+def mlxgate_check_available(ctx):
     if ctx.target.local:
         for_config(ctx.config).servable(ctx.target.model)
     return True

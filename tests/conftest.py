@@ -27,6 +27,21 @@ def pytest_configure(config) -> None:
         config.option.basetemp = f"/tmp/mlxgate-tests-{os.getuid()}"
 
 
+# What makes a test slow: a whole daemon (`mlxgate start`), a wrapper with its model servers, a
+# network namespace, an agent from npm or PyPI, a wheel built and installed. `pytest -m "not slow"` leaves
+# these out.
+SLOW_FIXTURES = {"wrapper", "gateway", "agent_gateway", "gw", "cluster", "watched", "prometheus", "postgres",
+                 "sandbox", "verify", "claude_code", "codex", "upstream", "docked"}
+SLOW_MODULES = {"test_daemon_lifecycle", "test_gateway", "test_service", "test_stand_in", "test_agent_matrix",
+                "test_packaging"}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(item.fixturenames) or item.module.__name__ in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory) -> Path:
     """tiny-a (2 layers), org/tiny-b (3 layers), tiny-c (other seed, a 128K window: long answers),
@@ -48,7 +63,7 @@ def wrapper(models_dir, tmp_path_factory):
     """One wrapper for the session, autocomplete model tiny-a kept loaded."""
     running = Wrapper(tmp_path_factory.mktemp("wrapper-home"), models_dir,
                       args=("--autocomplete-model", "tiny-a"))
-    wait_for(lambda: running.servers()["autocomplete"]["state"] == "ready", 120,
+    wait_for(lambda: running.server("tiny-a")["state"] == "ready", 120,
              what="the autocomplete model to load at wrapper start")
     yield running
     running.stop()

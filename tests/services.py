@@ -1,7 +1,7 @@
 """Real servers the observability tests talk to, started in temporary folders on free ports:
-PostgreSQL (Debian's), Prometheus (Debian's), headless Chromium (Debian's). Each is
-installed with apt when missing and the tests run as root (CI's `.ci/run` installs them
-first); elsewhere the tests that need one skip and say why."""
+PostgreSQL (Debian's), Prometheus (Debian's), headless Chromium (Debian's); and Docker, when an
+engine answers. Each Debian program is installed with apt when missing and the tests run as root
+(CI's `.ci/run` installs them first); elsewhere the tests that need one skip and say why."""
 
 from __future__ import annotations
 
@@ -33,6 +33,16 @@ def need(program: str) -> str:
     subprocess.run(["apt-get", "install", "-y", "-qq", APT_PACKAGES[program]], env=env, capture_output=True,
                    timeout=900, check=True)
     return shutil.which(program) or str(PG_BIN / program)
+
+
+def docker_engine() -> bool:
+    """Whether a Docker engine answers here (Docker Desktop running, or Docker Engine on Linux)."""
+    if not shutil.which("docker"):
+        return False
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=60).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
 
 
 class Postgres:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import ssl
@@ -19,7 +20,7 @@ import openai
 import psutil
 import requests
 
-from mlxgate.supervision.control import process_alive as pid_alive
+from mlxgate.supervision.programs import process_alive as pid_alive
 
 ROOT = Path(__file__).resolve().parent.parent
 MLXGATE = [sys.executable, "-m", "mlxgate.cli"]
@@ -29,6 +30,24 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def free_ports(count: int, start: int = 35000, stop: int = 45000) -> int:
+    """The first of `count` consecutive ports that are free now (on any address)."""
+    for first in range(start, stop, count):
+        socks = []
+        try:
+            for port in range(first, first + count):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind(("", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise AssertionError(f"no {count} consecutive free ports in {start}-{stop}")
 
 
 def port_open(port: int) -> bool:
@@ -77,9 +96,11 @@ def make_broken_models(models: Path, good: Path) -> None:
 
 def isolated_env(home: Path, models: Path, wrapper_port: int, dynamic_port: int, autocomplete_port: int,
                  **extra: str) -> dict:
-    """An environment that keeps a test's gateway apart: own runtime folder, models and ports."""
+    """An environment that keeps a test's gateway apart: own runtime folder, models and ports (Ollama's
+    API on a free port too, never Ollama's own 11434)."""
     return dict(
         os.environ,
+        MLXGATE_OLLAMA_PORT=str(free_port()),
         MLXGATE_HOME=str(home),
         MLXGATE_CONFIG=str(home / "gateway.yaml"),
         MLXGATE_MODEL_DIRS=str(models),
@@ -87,8 +108,7 @@ def isolated_env(home: Path, models: Path, wrapper_port: int, dynamic_port: int,
         MLX_WRAPPER_URL=f"http://127.0.0.1:{wrapper_port}",
         MLX_DYNAMIC_PORT=str(dynamic_port),
         MLX_AUTOCOMPLETE_PORT=str(autocomplete_port),
-        **extra,
-    )
+    ) | extra
 
 
 class Wrapper:
@@ -124,11 +144,21 @@ class Wrapper:
             headers["Authorization"] = f"Bearer {key}"
         return requests.request(method, self.url + path, headers=headers, timeout=120, **kwargs)
 
-    def load(self, model: str, server: str = "dynamic") -> requests.Response:
-        return self.call("POST", "/models/load", json={"model": model, "server": server})
+    def load(self, model: str) -> requests.Response:
+        return self.call("POST", "/models/load", json={"model": model})
+
+    def unload(self, model: str) -> requests.Response:
+        return self.call("POST", "/models/unload", json={"model": model})
 
     def servers(self) -> dict:
+        """The resident set's servers by model name."""
         return self.call("GET", "/models").json()["servers"]
+
+    def server(self, model: str) -> dict:
+        return self.servers().get(model) or {"state": "stopped", "pid": None, "loads": 0, "queue": {}}
+
+    def loaded(self) -> list[str]:
+        return sorted(name for name, s in self.servers().items() if s["state"] == "ready")
 
     def model_pids(self) -> list[int]:
         return [s["pid"] for s in self.servers().values() if s["pid"]]
@@ -142,6 +172,21 @@ class Wrapper:
                 self.process.kill()
                 self.process.wait()
         self._log.close()
+
+
+def ledger_rows(gateway, since: float, model: str) -> list[dict]:
+    """The gateway's own records of `model`'s requests since `since` (its usage ledger), once the
+    ledger holds every request that model's server has answered (the wrapper writes in batches)."""
+    import sqlite3
+
+    def read(where: str, *args) -> list[dict]:
+        with sqlite3.connect(gateway.home / "usage.sqlite") as db:
+            db.row_factory = sqlite3.Row
+            return [dict(r) for r in db.execute(f"SELECT * FROM requests WHERE served_model LIKE ? {where} ORDER BY at",
+                                                (f"%{model}", *args))]
+    served = gateway.served(model)
+    wait_for(lambda: len(read("")) >= served, 10, what=f"the ledger to hold {served} requests of {model}")
+    return read("AND at >= ?", since)
 
 
 def chat(port: int, text: str = "hello", max_tokens: int = 8, **extra) -> dict:
@@ -159,7 +204,7 @@ def safetensors_header(path: Path) -> dict:
 
 
 class Gateway:
-    """A real daemon started with `mlxgate start`: supervisord, LiteLLM proxies, wrapper."""
+    """A real daemon started with `mlxgate start`: supervisord, the proxies, the wrapper."""
 
     def __init__(self, home: Path, models: Path, *flags: str, https: bool = True,
                  extra_env: dict | None = None, max_tokens: int = 64):
@@ -171,6 +216,7 @@ class Gateway:
                                 MLXGATE_SSL_DIR=str(home / "ssl"), MLXGATE_PLUGIN_DIRS=str(home / "plugins"),
                                 **(extra_env or {}))
         (home / "plugins").mkdir(exist_ok=True)
+        self.ollama_port = int(self.env["MLXGATE_OLLAMA_PORT"])  # Ollama's API (`ollama_port`)
         self.flags = ["--port", str(self.port), "--max-tokens", str(max_tokens), *flags]
         if https:
             self.flags += ["--enable-https", "--https-port", str(self.https_port)]
@@ -200,6 +246,10 @@ class Gateway:
         return f"https://localhost:{self.https_port}"
 
     @property
+    def ollama_url(self) -> str:
+        return f"http://127.0.0.1:{self.ollama_port}"
+
+    @property
     def ca(self) -> Path:
         return self.home / "ssl" / "ca.pem"
 
@@ -220,16 +270,27 @@ class Gateway:
             pids.append(root)
         return pids
 
-    def served(self) -> int:
-        """Requests the dynamic model server has answered so far."""
-        return self.wrapper_call("GET", "/models").json()["servers"]["dynamic"]["queue"]["served"]
+    def servers(self) -> dict:
+        """The resident set's servers by model name."""
+        return self.wrapper_call("GET", "/models").json()["servers"]
+
+    def server(self, model: str) -> dict:
+        """One model's server (a stopped one's shape when it was never asked for)."""
+        return self.servers().get(model) or {"state": "stopped", "pid": None, "loads": 0, "queue": {"served": 0}}
+
+    def loaded(self) -> list[str]:
+        return sorted(name for name, s in self.servers().items() if s["state"] == "ready")
+
+    def served(self, model: str) -> int:
+        """Requests `model`'s server has answered so far."""
+        return self.server(model)["queue"].get("served", 0)
 
     def wrapper_call(self, method: str, path: str, **kwargs) -> requests.Response:
         return requests.request(method, f"http://127.0.0.1:{self.wrapper_port}{path}", timeout=120,
                                 headers={"Authorization": f"Bearer {self.api_key}"}, **kwargs)
 
     def program_pids(self) -> dict[str, int]:
-        from mlxgate.supervision.control import Supervisor
+        from mlxgate.supervision.programs import Supervisor
 
         return {name: info["pid"] for name, info in Supervisor(self.home).processes().items()
                 if info["pid"]}
@@ -266,6 +327,25 @@ def claude(gateway, https: bool = False, **options) -> anthropic.Anthropic:
 def gpt(gateway, **options) -> openai.OpenAI:
     """The official OpenAI SDK pointed at a gateway."""
     return openai.OpenAI(base_url=gateway.url + "/v1", api_key=gateway.api_key, max_retries=0, **options)
+
+
+VENVS = Path(os.environ.get("MLXGATE_TEST_VENVS", Path.home() / ".cache" / "mlxgate-test-venvs"))
+
+
+def pypi_venv(packages: list[str], base: str | None = None) -> Path:
+    """The Python of a venv of its own holding `packages` from PyPI (made once, kept for later runs),
+    made from the Python `base` (default: this one)."""
+    import hashlib
+
+    folder = VENVS / hashlib.sha256(" ".join([*sorted(packages), base or ""]).encode()).hexdigest()[:16]
+    python = folder / "bin" / "python"
+    if not (folder / ".complete").exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        subprocess.run([base or sys.executable, "-m", "venv", str(folder)], check=True, capture_output=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *packages],
+                       check=True, capture_output=True, timeout=1200)
+        (folder / ".complete").write_text(" ".join(packages))
+    return python
 
 
 def ensure_tool(command: str, package: str) -> str | None:

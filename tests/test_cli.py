@@ -4,23 +4,33 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 
 from support import free_port, mlxgate
 
 
-def test_models_load_and_unload_from_the_command_line(wrapper):
+def test_models_load_ps_and_unload_from_the_command_line(wrapper):
     loaded = mlxgate("load", "org/tiny-b", env=wrapper.env)
     assert loaded.returncode == 0, loaded.stderr
-    assert "org/tiny-b is ready on the dynamic server" in loaded.stdout
+    assert re.match(r"org/tiny-b is ready on port \d+ \(pid \d+, \d+ MiB\) after", loaded.stdout), loaded.stdout
     listing = mlxgate("models", env=wrapper.env)
     assert listing.returncode == 0
     lines = listing.stdout.splitlines()
-    assert lines[0].split() == ["MODEL", "SOURCE", "LOADED", "PATH"]
-    row = next(line for line in lines if line.startswith("org/tiny-b "))
-    assert "dynamic:ready" in row
-    assert any(line.startswith("tiny-a ") and "autocomplete:ready" in line for line in lines)
-    assert mlxgate("unload", env=wrapper.env).stdout.strip() == "the dynamic server is stopped"
+    assert lines[0].split() == ["MODEL", "SOURCE", "WEIGHTS", "STATE", "PATH"]
+    assert " ready " in next(line for line in lines if line.startswith("org/tiny-b "))
+    assert " ready " in next(line for line in lines if line.startswith("tiny-a "))
+    assert "memory budget" in listing.stdout
+    ps = mlxgate("ps", env=wrapper.env)
+    assert ps.returncode == 0, ps.stderr
+    rows = {line.split()[0]: line for line in ps.stdout.splitlines()[1:] if not line.startswith("memory")}
+    assert {"org/tiny-b", "tiny-a"} <= set(rows)
+    assert "never (pinned)" in rows["tiny-a"] and re.search(r"in \d+ (s|min)", rows["org/tiny-b"])
+    assert f" {wrapper.autocomplete_port} " in rows["tiny-a"], "the autocomplete model on its own port"
+    shown = json.loads(mlxgate("ps", "--json", env=wrapper.env).stdout)
+    assert {"org/tiny-b", "tiny-a"} <= {r["model"] for r in shown["models"]} and shown["memory"]["budget"] > 0
+    assert mlxgate("unload", "org/tiny-b", env=wrapper.env).stdout.strip() == "org/tiny-b is stopped"
+    assert "org/tiny-b" not in mlxgate("ps", env=wrapper.env).stdout
 
 
 def test_load_of_an_unknown_model_fails_with_the_reason(wrapper):
@@ -42,7 +52,7 @@ def test_models_lists_the_local_models_while_the_gateway_is_stopped(models_dir, 
     listing = mlxgate("models", env=env)
     assert listing.returncode == 0, listing.stderr
     rows = {line.split()[0]: line.split() for line in listing.stdout.splitlines()[1:] if line.strip()}
-    assert rows["tiny-a"][1:3] == ["model_dir", "-"] and rows["org/tiny-b"][1] == "model_dir"
+    assert rows["tiny-a"][1] == "model_dir" and "stopped" in rows["tiny-a"] and rows["org/tiny-b"][1] == "model_dir"
     assert "the gateway is not running: nothing is loaded" in listing.stdout
 
 
@@ -94,5 +104,26 @@ def test_the_version_and_a_usage_error():
     from mlxgate import __version__
 
     assert mlxgate("--version", env=dict(os.environ)).stdout.strip() == f"mlxgate {__version__}"
-    wrong = mlxgate("unload", "--server", "elsewhere", env=dict(os.environ))
-    assert wrong.returncode == 2 and "'elsewhere' is not one of 'dynamic', 'autocomplete'" in wrong.stderr
+    wrong = mlxgate("unload", env=dict(os.environ))
+    assert wrong.returncode == 2 and "Missing argument 'MODEL'" in wrong.stderr
+
+
+def test_env_for_an_agent_prints_what_launch_sets_and_writes_only_under_the_runtime_folder(tmp_path):
+    mlxgate("demo-model", str(tmp_path / "models" / "coder"), "--context", "65536", env=dict(os.environ), check=True)
+    env = {**os.environ, "MLXGATE_HOME": str(tmp_path / "home"), "MLXGATE_CONFIG": str(tmp_path / "gateway.yaml"),
+           "MLXGATE_API_KEY": "k", "MLXGATE_MODEL_DIRS": str(tmp_path / "models"), "HOME": str(tmp_path / "user")}
+    (tmp_path / "gateway.yaml").write_text("default_model: coder\nport: 12100\n")
+    claude = dict(line[len("export "):].split("=", 1) for line in
+                  mlxgate("env", "--for", "claude", env=env, check=True).stdout.splitlines()
+                  if line.startswith("export "))
+    assert claude["ANTHROPIC_BASE_URL"] == "http://127.0.0.1:12100" and claude["ANTHROPIC_API_KEY"] == "k"
+    assert {claude[f"ANTHROPIC_DEFAULT_{tier}_MODEL"] for tier in ("OPUS", "SONNET", "HAIKU")} == {"coder"}
+    assert claude["CLAUDE_CODE_AUTO_COMPACT_WINDOW"] == "65536"
+    assert int(claude["API_TIMEOUT_MS"]) >= 655_360 and claude["CLAUDE_CODE_ATTRIBUTION_HEADER"] == "0"
+    pi = mlxgate("env", "--for", "pi", "--model", "coder", env=env, check=True).stdout
+    written = tmp_path / "home" / "launch" / "pi" / "models.json"
+    assert f"# written: {written}" in pi and json.loads(written.read_text())["providers"]["mlxgate"]["models"][0][
+        "contextWindow"] == 65536
+    assert not (tmp_path / "user").exists(), "nothing in the user's own home"
+    unknown = mlxgate("env", "--for", "emacs", env=env)
+    assert unknown.returncode == 1 and "no launcher for 'emacs'" in unknown.stderr

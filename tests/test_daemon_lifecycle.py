@@ -142,7 +142,9 @@ def test_the_foreground_start_exits_so_the_service_manager_knows_what_to_do(mode
         try:
             wait_for(lambda: "mlxgate is running" in (tmp_path / f"{expected}.log").read_text(), 120,
                      what="the foreground start to be up")
-            assert mlxgate("status", env=gateway.env).returncode == 0
+            status = mlxgate("status", env=gateway.env)
+            assert status.returncode == 0, status.stdout
+            assert re.search(r"^proxy_https\s+OFF\s+enable_https is off", status.stdout, re.M), status.stdout
             if ending == "stop":
                 run.send_signal(signal.SIGTERM)  # what systemctl stop / launchctl kill TERM send
             else:
@@ -179,7 +181,7 @@ def test_start_through_the_service_manager_waits_for_the_gateway_or_names_why_it
     control.start_through(manager_start([*gateway.flags, "--default-model", "tiny-a"]), config("tiny-a"),
                           say=said.append)
     try:
-        assert "  tiny-a is ready on the dynamic server" in " ".join(said)
+        assert f"  tiny-a is ready on port {gateway.dynamic_port}" in " ".join(said)
         assert control.blocked_cause(gateway.home) is None, "a start that got through forgets the last cause"
     finally:
         runs[-1].send_signal(signal.SIGTERM)

@@ -25,7 +25,10 @@ def test_start_printed_the_urls_and_status_is_healthy(gateway):
     assert status.returncode == 0, status.stdout
     for part in ("proxy ", "proxy_https ", "wrapper ", "group_down "):
         assert any(line.startswith(part) and "RUNNING" in line for line in status.stdout.splitlines()), part
-    assert "dynamic server       READY" in status.stdout or "READY    port" in status.stdout
+    rows = {line.split()[1]: line for line in status.stdout.splitlines() if line.startswith("model ")}
+    assert "READY" in rows["tiny-a"] and f"port {gateway.dynamic_port}," in rows["tiny-a"]
+    assert "READY" in rows["org/tiny-b"] and f"port {gateway.autocomplete_port}," in rows["org/tiny-b"]
+    assert any(line.startswith("memory ") and "BUDGET" in line for line in status.stdout.splitlines())
 
 
 def test_env_prints_export_lines_for_both_apis(gateway):
@@ -114,20 +117,23 @@ def test_openai_chat_completions(gateway, stream):
 def test_openai_completions_on_the_autocomplete_alias(gateway):
     answer = gpt(gateway).completions.create(model="autocomplete", prompt="def add(a, b):", max_tokens=4)
     assert answer.choices[0].text and answer.usage.completion_tokens == 4
-    servers = gateway.wrapper_call("GET", "/models").json()["servers"]
-    assert servers["autocomplete"]["model"] == "org/tiny-b" and servers["autocomplete"]["loads"] == 1
+    server = gateway.server("org/tiny-b")
+    assert server["name"] == "autocomplete" and server["port"] == gateway.autocomplete_port and server["loads"] == 1
 
 
-def test_a_request_for_another_model_switches_and_answers(gateway):
+def test_a_request_for_another_model_loads_it_beside_the_default_and_both_stay(gateway):
     client = gpt(gateway)
     client.chat.completions.create(model="gpt-4o", max_tokens=1, messages=PROMPT)
-    assert gateway.wrapper_call("GET", "/models").json()["servers"]["dynamic"]["model"] == "tiny-a"
+    default = gateway.server("tiny-a")
     answer = client.chat.completions.create(model="openai/tiny-c", max_tokens=3, messages=PROMPT)
     assert answer.usage.completion_tokens == 3
-    assert gateway.wrapper_call("GET", "/models").json()["servers"]["dynamic"]["model"] == "tiny-c"
+    assert gateway.server("tiny-c")["state"] == "ready"
     message = claude(gateway).messages.create(model="claude-opus-4-8", max_tokens=2, messages=PROMPT)
     assert message.usage.output_tokens == 2
-    assert gateway.wrapper_call("GET", "/models").json()["servers"]["dynamic"]["model"] == "tiny-a"
+    after = gateway.server("tiny-a")
+    assert (after["pid"], after["loads"]) == (default["pid"], default["loads"]), "no switch: tiny-a stayed"
+    assert after["port"] == gateway.dynamic_port and gateway.server("tiny-c")["port"] not in (
+        gateway.dynamic_port, gateway.autocomplete_port)
 
 
 def test_the_token_cap_lowers_and_sets_max_tokens(gateway):

@@ -23,7 +23,7 @@ import httpx
 import pytest
 import yaml
 
-from support import Gateway, claude, gpt, mlxgate, wait_for
+from support import Gateway, claude, free_ports, gpt, mlxgate, wait_for
 
 ADDRESSES = {"b": "127.0.0.2", "c": "127.0.0.3", "d": "127.0.0.4", "g": "127.0.0.5"}
 DEFAULTS = {"b": "tiny-c", "c": "tiny-a", "d": "tiny-a", "g": "org/tiny-b"}
@@ -56,7 +56,8 @@ class Host(Gateway):
         return f"https://{ADDRESSES[self.name]}:{self.listen_port}"
 
     def dynamic(self) -> dict:
-        return self.wrapper_call("GET", "/models").json()["servers"]["dynamic"]
+        """Its default model's server."""
+        return self.server(DEFAULTS[self.name])
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +124,7 @@ def test_a_host_is_reached_only_over_tls_with_the_key(cluster):
     assert httpx.get(b.relay_url + "/models", verify=context, timeout=5).status_code == 401
     answer = httpx.get(b.relay_url + "/models", verify=context, timeout=5,
                        headers={"Authorization": f"Bearer {b.api_key}"})
-    assert answer.status_code == 200 and answer.json()["servers"]["dynamic"]["model"] == "tiny-c"
+    assert answer.status_code == 200 and answer.json()["servers"]["tiny-c"]["state"] == "ready"
     with pytest.raises(httpx.ConnectError):  # nothing beyond loopback on the plain address
         httpx.get(f"http://{ADDRESSES['b']}:{b.wrapper_port}/health", timeout=2)
 
@@ -152,9 +153,8 @@ def test_a_model_loaded_on_one_host_goes_there_and_loads_nowhere_else(cluster):
         answer, where = ask(front, "tiny-c")
         assert where == "b" and answer["choices"][0]["message"]["content"] is not None
     assert {name: host.dynamic()["loads"] for name, host in hosts.items()} == loads
-    assert {name: host.dynamic()["model"] for name, host in hosts.items()} == {n: DEFAULTS[n] for n in "bcd"}
-    front_servers = front.wrapper_call("GET", "/models").json()["servers"]
-    assert front_servers["dynamic"]["state"] == "stopped"
+    assert {name: host.loaded() for name, host in hosts.items()} == {n: [DEFAULTS[n]] for n in "bcd"}
+    assert front.server("tiny-c")["state"] == "stopped", "the front gateway loaded nothing"
     assert "chat_completions tiny-c" in (front.home / "hook-calls.log").read_text()  # the hooks ran once,
     assert not (hosts["b"].home / "hook-calls.log").exists()  # in the gateway that received the request
 
@@ -176,7 +176,7 @@ def test_twelve_concurrent_clients_spread_over_the_hosts_with_the_model(cluster)
     assert min(places.count("c"), places.count("d")) >= 3, places
     after = {name: served(host) for name, host in hosts.items()}
     assert after["b"] == before["b"] and after["c"] + after["d"] - before["c"] - before["d"] >= 12
-    assert {name: host.dynamic()["model"] for name, host in hosts.items()} == {n: DEFAULTS[n] for n in "bcd"}
+    assert {name: host.loaded() for name, host in hosts.items()} == {n: [DEFAULTS[n]] for n in "bcd"}
 
 
 def test_a_conversation_stays_on_its_host_and_reads_its_prompt_cache(cluster):
@@ -316,7 +316,7 @@ def test_a_model_served_by_two_ranks_under_mlx_launch_answers_through_the_gatewa
     front, _ = cluster
     group = Host("g", tmp_path_factory.mktemp("host-g"), models_dir,
                  settings={"distributed": {"hosts": ["127.0.0.1", "127.0.0.1"], "backend": "ring",
-                                           "starting_port": 35900 + os.getpid() % 500}})
+                                           "starting_port": free_ports(8)}})  # the ring's ports
     group.start()
     try:
         mlxgate("hosts", "add", "g", group.relay_url, "--key", group.api_key, "--yes", env=front.env, check=True)

@@ -70,33 +70,44 @@ def test_a_conversation_keeps_its_key_across_turns():
     assert conversation_key("chat_completions", {"messages": []}) is None
 
 
-def _view(name: str, model: str | None, queued: int = 0, state: str = "ready") -> HostView:
+def _view(name: str, resident: dict[str, int], free: int = 10 ** 12, pinned: tuple = ()) -> HostView:
+    """A place whose resident set holds `resident` (model -> requests queued there)."""
     view = HostView(name, f"https://{name}:1")
-    view.read({"models": [{"name": "m1"}, {"name": "m2"}],
-               "servers": {"dynamic": {"state": state if model else "stopped", "model": model,
-                                       "queue": {"queued": queued, "active": [], "max_parallel": 2,
-                                                 "max_queue": 2}}}})
+    view.read({"models": [{"name": "m1", "size_bytes": 1000}, {"name": "m2", "size_bytes": 1000}],
+               "servers": {model: {"state": "ready", "model": model, "pinned": model in pinned,
+                                   "queue": {"queued": queued, "active": [], "max_parallel": 2, "max_queue": 2,
+                                             "pending": queued}}
+                           for model, queued in resident.items()},
+               "memory": {"budget": 10 ** 12, "free": free}})
     return view
 
 
-def test_the_router_prefers_the_loaded_model_then_the_least_queued_and_keeps_conversations():
-    views = {"local": _view("local", None), "a": _view("a", "m1", queued=1), "b": _view("b", "m1"),
-             "c": _view("c", "m2")}
+def test_the_router_prefers_the_resident_model_then_room_then_the_least_queued_and_keeps_conversations():
+    views = {"local": _view("local", {}), "a": _view("a", {"m1": 1}), "b": _view("b", {"m1": 0}),
+             "c": _view("c", {"m2": 0}, free=10)}
     chooser = Chooser(views, shuffle=lambda order: None)
     chooser.sync()
 
     async def scenario():
-        assert await chooser.choose("m1", "dynamic", None) == ["b", "a", "local", "c"]
-        assert (await chooser.choose("m2", "dynamic", None))[0] == "c"
-        await chooser.served("a", "m1", "dynamic", "conv")
-        assert (await chooser.choose("m1", "dynamic", "conv"))[0] == "a"  # its cache is there
-        views["a"].servers["dynamic"]["model"] = "m2"  # a switched away: the conversation moves
-        assert (await chooser.choose("m1", "dynamic", "conv"))[0] == "b"
-        views["b"].servers["dynamic"]["queue"]["queued"] = 4  # b full: a switch elsewhere is better
-        assert (await chooser.choose("m1", "dynamic", None))[0] == "local"
+        assert await chooser.choose("m1", None) == ["b", "a", "local", "c"], "c would evict m2 first"
+        assert (await chooser.choose("m2", None))[0] == "c"
+        await chooser.served("a", "m1", "conv")
+        assert (await chooser.choose("m1", "conv"))[0] == "a"  # its cache is there
+        views["a"].servers["m1"]["state"] = "stopped"  # a unloaded it: the conversation moves
+        assert (await chooser.choose("m1", "conv"))[0] == "b"
+        views["b"].servers["m1"]["queue"]["queued"] = 4  # b full: a load elsewhere is better
+        assert (await chooser.choose("m1", None))[0] == "local"
         chooser.failed("local", RuntimeError("down"))
-        assert "local" not in await chooser.choose("m1", "dynamic", None)
+        assert "local" not in await chooser.choose("m1", None)
     asyncio.run(scenario())
+
+
+def test_a_place_that_would_wait_for_busy_models_ranks_after_one_that_evicts_an_idle_one():
+    busy = _view("busy", {"m2": 1}, free=10)
+    idle = _view("idle", {"m2": 0}, free=10)
+    pinned = _view("pinned", {"m2": 0}, free=10, pinned=("m2",))
+    assert (busy.load_cost("m1"), idle.load_cost("m1"), pinned.load_cost("m1")) == (3, 2, 3)
+    assert (idle.load_cost("m2"), _view("room", {}).load_cost("m1")) == (0, 1)
 
 
 def test_the_host_listener_keeps_a_connection_for_the_next_request_and_closes_idle_ones(tmp_path, monkeypatch):

@@ -1,9 +1,9 @@
 """mlxgate never wedges: abandoned requests stop their generation, a full queue says so at once,
-a switch waits for running answers, a stopped backend is replaced, hostile input gets a 4xx.
+an unload waits for running answers, a stopped backend is replaced, hostile input gets a 4xx.
 
 One daemon for the module, with a high token cap, a small queue and short timeouts. Its default
 model tiny-c (a 128K window) answers random tokens until max_tokens, so a long answer is easy to ask
-for; tiny-a is the model switched to.
+for; tiny-a is another model, loaded beside it when asked for.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ def gw(models_dir, tmp_path_factory):
 
 
 def dynamic(gw) -> dict:
-    return gw.wrapper_call("GET", "/models").json()["servers"]["dynamic"]
+    """The default model's server."""
+    return gw.server("tiny-c")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -59,7 +60,7 @@ def busy(pid: int, window: float = 1.0) -> float:
 def assert_goes_idle(gw, within: float = 10.0) -> None:
     pid = dynamic(gw)["pid"]
 
-    wait_for(lambda: busy(pid, 0.5) < 0.15, within, interval=0, what="the dynamic server to go idle")
+    wait_for(lambda: busy(pid, 0.5) < 0.15, within, interval=0, what="the default model's server to go idle")
     wait_for(lambda: not dynamic(gw)["queue"]["active"], 5, what="the request slot to be freed")
 
 
@@ -180,8 +181,8 @@ def test_a_full_queue_answers_529_and_503_at_once_and_status_shows_it(gw):
         assert response.status_code == 503 and response.headers["retry-after"]
         assert time.monotonic() - started < 10
         status = mlxgate("status", env=gw.env, timeout=60).stdout
-        assert f"{MAX_QUEUE} waiting (max {MAX_QUEUE})" in status
-        assert f"in flight ({running} of {running} at once): #" in status
+        row = next(line for line in status.splitlines() if line.startswith("model tiny-c "))
+        assert f"{running} running, {MAX_QUEUE} waiting, idle busy" in row, row
     finally:
         for client, response in streams:
             response.close()
@@ -190,23 +191,37 @@ def test_a_full_queue_answers_529_and_503_at_once_and_status_shows_it(gw):
     assert_next_request_is_answered(gw)
 
 
-def test_requests_that_arrive_during_a_slow_switch_wait_in_the_queue_and_beyond_it_get_529(gw):
-    """A switch waits (drain_timeout) for the running answer; requests arriving meanwhile wait in the
-    relay's queue, bounded by max_queue, never in the proxy: one more is refused at once."""
+def test_a_request_for_another_model_is_answered_beside_a_running_answer(gw):
+    """No switch: tiny-a loads beside tiny-c (the budget holds both) while tiny-c streams on."""
+    client, response = open_anthropic_stream(gw, max_tokens=400)
+    read_until(response, "text_delta")
+    other = gpt(gw, timeout=120).chat.completions.create(model="tiny-a", max_tokens=2, messages=PROMPT)
+    answered = time.monotonic()
+    rest = read_until(response, "message_stop")
+    client.close()
+    assert other.usage.completion_tokens == 2
+    assert '"stop_reason":"max_tokens"' in rest and "event: error" not in rest, "the stream was never cut"
+    assert time.monotonic() >= answered and dynamic(gw)["state"] == gw.server("tiny-a")["state"] == "ready"
+
+
+def test_requests_that_arrive_during_a_slow_unload_wait_in_the_queue_and_beyond_it_get_529(gw):
+    """An unload waits (drain_timeout) for the running answer, then ends it; requests arriving
+    meanwhile wait in the relay's queue, bounded by max_queue, never in the proxy: one more is
+    refused at once. After the unload they load the model again and are answered."""
     client, response = open_anthropic_stream(gw)
     read_until(response, "text_delta")
     answers: list = []
 
-    def ask(model: str) -> None:
+    def ask() -> None:
         try:
-            answers.append(gpt(gw, timeout=120).chat.completions.create(model=model, max_tokens=2,
+            answers.append(gpt(gw, timeout=120).chat.completions.create(model="gpt-4o", max_tokens=2,
                                                                         messages=PROMPT).usage.completion_tokens)
         except Exception as exc:  # the assertions below show it
             answers.append(repr(exc))
-    switch = threading.Thread(target=ask, args=("tiny-a",))
-    switch.start()
-    wait_for(lambda: dynamic(gw)["queue"]["draining"], 30, interval=0.05, what="the switch to start draining")
-    waiting = [threading.Thread(target=ask, args=("gpt-4o",)) for _ in range(MAX_QUEUE)]
+    unload = threading.Thread(target=mlxgate, args=("unload", "tiny-c"), kwargs={"env": gw.env})
+    unload.start()
+    wait_for(lambda: dynamic(gw)["queue"]["draining"], 30, interval=0.05, what="the unload to start draining")
+    waiting = [threading.Thread(target=ask) for _ in range(MAX_QUEUE)]
     for thread in waiting:
         thread.start()
     wait_for(lambda: dynamic(gw)["queue"]["queued"] == MAX_QUEUE, 10, interval=0.05, what="the queue to fill")
@@ -215,46 +230,33 @@ def test_requests_that_arrive_during_a_slow_switch_wait_in_the_queue_and_beyond_
         claude(gw).messages.create(model="claude-opus-4-8", max_tokens=3, messages=PROMPT)
     assert caught.value.status_code == 529 and time.monotonic() - started < 2
     assert "busy" in caught.value.message and "waiting (max_queue 8)" in caught.value.message
-    read_error(response)
+    rest = read_error(response)
     client.close()
-    for thread in [switch, *waiting]:
+    assert "drain_timeout" in rest and "was unloaded" in rest
+    for thread in [unload, *waiting]:
         thread.join(180)
-    assert answers == [2] * (1 + MAX_QUEUE), answers
+    assert answers == [2] * MAX_QUEUE, answers
+    assert dynamic(gw)["state"] == "ready"
     assert_next_request_is_answered(gw)
 
 
-def test_a_switch_waits_for_the_running_answer(gw):
+def test_an_unload_waits_for_the_running_answer(gw):
     client, response = open_anthropic_stream(gw, max_tokens=400)
     read_until(response, "text_delta")
-    switched = {}
+    unloaded = {}
 
-    def switch():
-        switched["answer"] = gpt(gw, timeout=120).chat.completions.create(model="tiny-a", max_tokens=2,
-                                                                          messages=PROMPT)
-        switched["at"] = time.monotonic()
-    thread = threading.Thread(target=switch)
+    def unload():
+        unloaded["done"] = mlxgate("unload", "tiny-c", env=gw.env)
+        unloaded["at"] = time.monotonic()
+    thread = threading.Thread(target=unload)
     thread.start()
     rest = read_until(response, "message_stop")
     finished = time.monotonic()
     client.close()
     thread.join(120)
     assert '"stop_reason":"max_tokens"' in rest and "event: error" not in rest
-    assert switched["answer"].usage.completion_tokens == 2 and switched["at"] >= finished
-    assert dynamic(gw)["model"] == "tiny-a"
-
-
-def test_a_switch_ends_an_answer_that_runs_past_the_drain_timeout(gw):
-    client, response = open_anthropic_stream(gw)
-    read_until(response, "text_delta")
-    thread = threading.Thread(target=lambda: gpt(gw, timeout=120).chat.completions.create(
-        model="tiny-a", max_tokens=2, messages=PROMPT))
-    thread.start()
-    rest = read_error(response)
-    client.close()
-    thread.join(120)
-    assert "drain_timeout" in rest and "overloaded_error" not in rest
-    assert dynamic(gw)["model"] == "tiny-a"
-    assert_next_request_is_answered(gw)
+    assert unloaded["done"].stdout.strip().startswith("tiny-c is stopped") and unloaded["at"] >= finished
+    assert_next_request_is_answered(gw)  # loads it again
 
 
 # ---------------------------------------------------------------- watchdog and crashes
@@ -350,7 +352,7 @@ def test_a_battery_of_malformed_requests_gets_4xx_everywhere_and_nothing_dies(gw
             if name.startswith("model "):  # the relay answers with the model the proxy names in a header
                 model = json.loads(body)["model"]
                 relay_headers["x-mlxgate-model"] = model if isinstance(model, str) else str(model)
-            for path in ("/backends/dynamic/v1/messages", "/backends/dynamic/v1/chat/completions", "/models/load"):
+            for path in ("/relay/v1/messages", "/relay/v1/chat/completions", "/models/load"):
                 try:
                     r = http_client.post(f"http://127.0.0.1:{gw.wrapper_port}{path}", content=body,
                                          headers=relay_headers)
@@ -386,8 +388,8 @@ def test_slow_partial_requests_do_not_block_anyone(gw):
 # ---------------------------------------------------------------- security
 def test_the_wrapper_and_its_relay_need_the_key(gw):
     base = f"http://127.0.0.1:{gw.wrapper_port}"
-    for method, path in (("GET", "/models"), ("POST", "/models/load"), ("POST", "/backends/dynamic/v1/messages"),
-                         ("POST", "/backends/dynamic/v1/chat/completions")):
+    for method, path in (("GET", "/models"), ("POST", "/models/load"), ("POST", "/relay/v1/messages"),
+                         ("POST", "/relay/v1/chat/completions")):
         for headers in ({}, {"authorization": "Bearer wrong"}, {"x-api-key": "wrong"}):
             r = httpx.request(method, base + path, headers=headers, json={}, timeout=30)
             assert r.status_code == 401, (path, headers, r.text)

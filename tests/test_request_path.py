@@ -52,8 +52,8 @@ def mlxgate_resolve_model(ctx):
 
 
 @mlxgate.hookimpl
-def mlxgate_ensure_loaded(ctx):
-    _record("ensure_loaded", ctx)
+def mlxgate_check_available(ctx):
+    _record("check_available", ctx)
 
 
 @mlxgate.hookimpl
@@ -95,11 +95,12 @@ def hook_calls(gw, since: int = 0) -> list[str]:
 
 
 def dynamic(gw) -> dict:
-    return gw.wrapper_call("GET", "/models").json()["servers"]["dynamic"]
+    """The default model's server."""
+    return gw.server("tiny-c")
 
 
 def once(route: str, model: str) -> list[str]:
-    return [f"{hook} {route} {model}" for hook in ("resolve", "ensure_loaded", "pre_call")]
+    return [f"{hook} {route} {model}" for hook in ("resolve", "check_available", "pre_call")]
 
 
 # ---------------------------------------------------------------- hooks once, on either path
@@ -151,18 +152,19 @@ def test_the_proxy_hands_requests_to_the_relay_at_its_door_which_needs_the_key(g
                               capture_output=True, text=True, timeout=120)
     key = ("-H", f"Authorization: Bearer {gw.api_key}")
     chat = {"messages": PROMPT, "max_tokens": 2}
-    answer = json.loads(curl("/backends/dynamic/v1/chat/completions", chat, *key).stdout)
+    key = (*key, "-H", "x-mlxgate-model: tiny-c")
+    answer = json.loads(curl("/relay/v1/chat/completions", chat, *key).stdout)
     assert answer["usage"]["completion_tokens"] == 2
-    streamed = curl("/backends/dynamic/v1/messages", {**chat, "stream": True}, *key).stdout
+    streamed = curl("/relay/v1/messages", {**chat, "stream": True}, *key).stdout
     assert "event: content_block_delta" in streamed and streamed.endswith('data: {"type":"message_stop"}\n\n')
     delta = streamed.split("event: message_delta\ndata: ")[1].split("\n")[0]
     assert json.loads(delta)["usage"]["output_tokens"] == 2
-    refused = json.loads(curl("/backends/dynamic/v1/chat/completions", chat).stdout)
+    refused = json.loads(curl("/relay/v1/chat/completions", chat).stdout)
     assert refused["error"]["code"] == "invalid_api_key" and "API key" in refused["error"]["message"]
-    refused = json.loads(curl("/backends/dynamic/v1/messages", chat).stdout)
+    refused = json.loads(curl("/relay/v1/messages", chat).stdout)
     assert refused["type"] == "error" and refused["error"]["type"] == "authentication_error"
-    missing = json.loads(curl("/backends/nowhere/v1/chat/completions", chat, *key).stdout)
-    assert "no model server named 'nowhere'" in missing["error"]["message"]
+    missing = json.loads(curl("/relay/v1/chat/completions", chat, *key[:2], "-H", "x-mlxgate-model: nowhere").stdout)
+    assert "model 'nowhere' not found" in missing["error"]["message"]
 
 
 def test_a_caller_gone_before_its_stream_starts_gives_its_place_in_the_queue_back(gw):
@@ -176,7 +178,7 @@ def test_a_caller_gone_before_its_stream_starts_gives_its_place_in_the_queue_bac
     for _ in range(3):
         with socket.socket(socket.AF_UNIX) as sock:
             sock.connect(str(gw.home / "relay.sock"))
-            sock.sendall(f"POST /backends/dynamic/v1/messages HTTP/1.1\r\nHost: relay\r\n"
+            sock.sendall(f"POST /relay/v1/messages HTTP/1.1\r\nHost: relay\r\nx-mlxgate-model: tiny-c\r\n"
                          f"Authorization: Bearer {gw.api_key}\r\nContent-Type: application/json\r\n"
                          f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
     queue = wait_for(lambda: (lambda q: q if q["served"] >= served + 3 and not q["active"] else None)(
@@ -188,23 +190,23 @@ def test_a_caller_gone_before_its_stream_starts_gives_its_place_in_the_queue_bac
 
 def test_a_litellm_deployment_answers_through_litellm_and_the_hooks_run_once(gw, upstream):
     """The deployments are another mlxgate: what a cloud provider or another host would be."""
-    before, answered = len(hook_calls(gw)), upstream.served()
+    before, answered = len(hook_calls(gw)), upstream.served("tiny-a")
     message = claude(gw).messages.create(model="remote-claude", max_tokens=4, messages=PROMPT)
     assert message.usage.output_tokens == 4 and message.content[0].text
     assert hook_calls(gw, before) == once("anthropic_messages", "remote-claude")
-    assert upstream.served() == answered + 1, "the other mlxgate answered it"
+    assert upstream.served("tiny-a") == answered + 1, "the other mlxgate answered it"
 
     before = len(hook_calls(gw))
     answer = gpt(gw).chat.completions.create(model="remote-gpt", max_tokens=3, messages=PROMPT)
     assert answer.usage.completion_tokens == 3
     assert hook_calls(gw, before) == once("chat_completions", "remote-gpt")
-    assert upstream.served() == answered + 2
+    assert upstream.served("tiny-a") == answered + 2
 
     before = len(hook_calls(gw))
     response = gpt(gw).responses.create(model="remote-gpt", max_output_tokens=16, input=PROMPT)  # OpenAI's least
     assert response.usage.output_tokens == 16 and response.output_text
     assert hook_calls(gw, before) == once("responses", "remote-gpt")
-    assert upstream.served() == answered + 3, "LiteLLM spoke the Responses API to the other mlxgate"
+    assert upstream.served("tiny-a") == answered + 3, "LiteLLM spoke the Responses API to the other mlxgate"
 
     chunks = list(gpt(gw).chat.completions.create(model="remote-gpt", max_tokens=3, messages=PROMPT, stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -238,13 +240,13 @@ def test_a_model_that_fails_to_load_is_a_503_the_sdks_do_not_retry(gw):
                     model="broken-shapes", max_tokens=3, messages=PROMPT)
         error = caught.value
         assert error.status_code == 503 and error.response.headers["x-should-retry"] == "false"
-        assert "broken-shapes" in error.message and "'tiny-c' is serving again" in error.message
+        assert "broken-shapes" in error.message and "failed to load" in error.message
         assert [line for line in hook_calls(gw, before) if line.startswith("resolve")] == \
             [f"resolve {'anthropic_messages' if api == 'anthropic' else 'chat_completions'} broken-shapes"]
         body = error.response.json()
         assert (body["error"]["type"] == "api_error") if api == "anthropic" else \
             (body["error"]["code"] == "model_load_failed")
-    assert dynamic(gw)["model"] == "tiny-c"
+    assert dynamic(gw)["state"] == "ready", "the loaded model never stopped"
 
 
 def test_a_model_whose_files_are_broken_is_refused_before_a_stream_starts(gw, models_dir):

@@ -23,7 +23,7 @@ from support import gpt, npm_agent, sse_events, wait_for
 WEATHER = {"type": "function", "name": "get_weather", "description": "Current weather in a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
 ASK = "What is the weather in Paris?"
-CODEX_VERSION = "0.169.0"
+CODEX_VERSION = "0.171.0"
 
 
 def raw_events(gateway, body: dict) -> list[dict]:
@@ -270,14 +270,17 @@ def test_an_unknown_model_is_not_found(agent_gateway):
 @pytest.mark.parametrize("body, expected", [
     ({"input": [{"type": "hologram"}]}, "input.0.type: unsupported input item type"),
     ({"input": [{"role": "robot", "content": "hi"}]}, "input.0.role: Input should be"),
+    ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "file-1"}]}]},
+     "input.0.content.0: input_file content is not supported"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://x/y.png"}]}]},
-     "input.0.content.0: input_image content is not supported"),
+     "input.0.content.0: model "),
     ({"input": [{"type": "function_call", "name": "get_weather", "arguments": "{}"}]},
      "input.0.call_id: Field required"),
     ({"input": [{"type": "function_call_output", "call_id": "c"}]}, "input.0.output: Field required"),
     ({"input": 42}, "input: Field required"),
-    ({"input": ASK, "text": {"format": {"type": "json_schema", "name": "x", "schema": {}}}},
-     "text.format: \"json_schema\" is not supported"),
+    ({"input": ASK, "text": {"format": {"type": "json_schema", "name": "x", "schema": {
+        "type": "object", "properties": {"xs": {"type": "array", "uniqueItems": True}}}}}},
+     "text.format.schema.properties.xs: uniqueItems cannot be enforced"),
     ({"input": ASK, "tools": {"type": "function"}}, "tools: Input should be a list"),
     ({"input": ASK, "max_output_tokens": 0}, "max_output_tokens: Input should be greater than or equal to 1"),
     ({"input": ASK, "background": True}, "background: background responses are not supported"),
@@ -315,7 +318,7 @@ def test_codex_cli_runs_a_task_against_the_gateway(agent_gateway, codex, tmp_pat
     table = settings.index("[model_providers.mlxgate]")
     provider = "{" + ", ".join(settings[table + 1:]) + "}"
     overrides = [*settings[:table], f"model_providers.mlxgate={provider}"]
-    served = agent_gateway.served()
+    served = agent_gateway.served("scripted")
 
     for folder in ("work", "codex-home"):
         (tmp_path / folder).mkdir()
@@ -330,5 +333,5 @@ def test_codex_cli_runs_a_task_against_the_gateway(agent_gateway, codex, tmp_pat
                 if e.get("type") == "item.completed" and e["item"].get("type") == "agent_message"]
     assert messages[-1] == TOOL_ANSWER
     assert [e["type"] for e in events].count("turn.completed") == 1
-    requests = agent_gateway.served() - served
+    requests = agent_gateway.served("scripted") - served
     assert requests == 2, "the tool call, then the answer from its output"

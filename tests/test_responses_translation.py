@@ -142,7 +142,7 @@ def test_instructions_and_leading_developer_messages_are_one_system_message():
 
 
 @pytest.mark.parametrize("body, expected", [
-    ({"text": {"format": {"type": "json_object"}}}, "text.format"),
+    ({"text": {"format": {"type": "grammar"}}}, "text.format.type"),
     ({"truncation": "auto"}, "truncation"),
     ({"conversation": "conv_1"}, "conversation"),
     ({"reasoning": {"effort": "extreme"}}, "reasoning.effort"),

@@ -302,7 +302,7 @@ def test_doctor_finds_a_taken_port_a_readable_key_and_a_missing_model(models_dir
                MLX_WRAPPER_URL=f"http://127.0.0.1:{free_port()}", MLX_DYNAMIC_PORT=str(free_port()),
                MLX_AUTOCOMPLETE_PORT=str(free_port()), MLXGATE_DEFAULT_MODEL="tiny-a")
     mlxgate("env", env=env)  # nothing yet
-    from mlxgate.supervision.control import ensure_api_key
+    from mlxgate.runtime_files import ensure_api_key
     ensure_api_key(home)
     code, said = _doctor(env)
     assert code == 0, said
@@ -402,10 +402,10 @@ def test_install_sh_refuses_an_unknown_flag_and_documents_every_flag():
     result = subprocess.run([str(ROOT / "install.sh"), "--bogus"], capture_output=True, text=True)
     assert result.returncode == 2 and "unknown option --bogus (try --help)" in result.stderr
     usage = subprocess.run([str(ROOT / "install.sh"), "--help"], capture_output=True, text=True).stdout
-    readme = (PROJECT_ROOT / "README.md").read_text()
+    readme = (PROJECT_ROOT / "docs" / "install.md").read_text()
     for flag in ("--port", "--https-port", "--max-tokens", "--default-model", "--autocomplete-model",
                  "--enable-https", "--ssl-domain", "--enable-port-forward", "--use-sudo", "--download-model",
                  "--install-dependencies", "--no-service", "--quiet", "--uninstall", "--help", "--trust-ca",
                  "--forward-http", "--enable-linger", "--stand-in-any-key"):
         assert flag in usage, f"install.sh --help does not mention {flag}"
-        assert f"`{flag}" in readme or f" {flag}" in readme, f"README does not mention {flag}"
+        assert f"`{flag}" in readme or f" {flag}" in readme, f"docs/install.md does not mention {flag}"

@@ -11,11 +11,11 @@ import yaml
 
 from mlxgate.config import load_config
 from mlxgate.errors import RequestRejected
-from mlxgate.hookspecs import CallContext
+from mlxgate.hookspecs import CallContext, Target
 from mlxgate.plugins import make_manager
 from mlxgate.proxy import litellm_config
 from mlxgate.redaction import redact
-from mlxgate.supervision.control import program_env
+from mlxgate.supervision.programs import program_env
 from mlxgate.supervision.listener import GroupDownListener
 
 
@@ -120,20 +120,36 @@ def _route(requested: str, **settings):
     return pm.hook.mlxgate_resolve_model(ctx=ctx)
 
 
-@pytest.mark.parametrize("requested, settings, model, server", [
-    ("claude-opus-4-8[1m]", {"default_model": "tiny-a"}, "tiny-a", "dynamic"),
-    ("gpt-4o", {"default_model": "tiny-a"}, "tiny-a", "dynamic"),
-    ("openai/gpt-4o-mini", {"default_model": "tiny-a"}, "tiny-a", "dynamic"),
-    ("tiny-c", {"default_model": "tiny-a"}, "tiny-c", "dynamic"),
-    ("autocomplete", {"autocomplete_model": "org/tiny-b"}, "org/tiny-b", "autocomplete"),
-    ("openai/org/tiny-b", {"autocomplete_model": "org/tiny-b"}, "org/tiny-b", "autocomplete"),
-    ("coder", {"aliases": {"coder": "tiny-c"}}, "tiny-c", "dynamic"),
-    ("anything", {"fixed_model": "tiny-a"}, "tiny-a", "dynamic"),
-    ("claude-3-haiku", {"fixed_model": "tiny-a", "autocomplete_model": "org/tiny-b"}, "tiny-a", "dynamic"),
+@pytest.mark.parametrize("requested, settings, model", [
+    ("claude-opus-4-8[1m]", {"default_model": "tiny-a"}, "tiny-a"),
+    ("gpt-4o", {"default_model": "tiny-a"}, "tiny-a"),
+    ("openai/gpt-4o-mini", {"default_model": "tiny-a"}, "tiny-a"),
+    ("tiny-c", {"default_model": "tiny-a"}, "tiny-c"),
+    ("autocomplete", {"autocomplete_model": "org/tiny-b"}, "org/tiny-b"),
+    ("claude-3-5-haiku-latest", {"default_model": "tiny-a", "autocomplete_model": "org/tiny-b"}, "org/tiny-b"),
+    ("openai/org/tiny-b", {"autocomplete_model": "org/tiny-b"}, "org/tiny-b"),
+    ("coder", {"aliases": {"coder": "tiny-c"}}, "tiny-c"),
+    ("anything", {"fixed_model": "tiny-a"}, "tiny-a"),
+    ("claude-3-haiku", {"fixed_model": "tiny-a", "autocomplete_model": "org/tiny-b"}, "tiny-a"),
 ])
-def test_model_names_route_to_local_models(requested, settings, model, server):
-    target = _route(requested, **settings)
-    assert (target.model, target.server) == (model, server)
+def test_model_names_route_to_local_models(requested, settings, model):
+    assert _route(requested, **settings) == Target(model)
+
+
+def test_a_plugin_of_the_old_contract_still_routes_and_is_named_in_the_log(caplog):
+    """Before the resident set a target named one of two servers; such a plugin still works
+    (its server is read as "local"), and the log says where and what to change, once."""
+    with caplog.at_level("WARNING", logger="mlxgate.plugins"):
+        for _ in range(3):
+            old = Target("tiny-b", "autocomplete")
+        assert old == Target("tiny-b") and old.local and old.via == "local"
+        assert Target("tiny-b", server="dynamic") == Target("tiny-b")
+        assert old.server == "local"
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len([w for w in warnings if "Target(..., 'autocomplete')" in w]) == 1, warnings
+    assert any("test_units.py" in w and "return Target(model)" in w for w in warnings), warnings
+    with pytest.raises(ValueError, match="via must be 'local' or 'litellm'"):
+        Target("tiny-b", "gpu")
 
 
 def test_claude_names_without_a_default_model_are_refused_clearly():
@@ -179,9 +195,8 @@ def test_litellm_is_configured_only_for_the_deployments_of_the_litellm_section(t
 
 
 def test_names_the_litellm_section_lists_go_to_litellm_before_the_catch_all():
-    target = _route("claude-cloud", default_model="tiny-a", litellm=CLOUD)
-    assert (target.model, target.server) == ("claude-cloud", "litellm")
-    assert _route("claude-opus-4-8", default_model="tiny-a", litellm=CLOUD).server == "dynamic"
+    assert _route("claude-cloud", default_model="tiny-a", litellm=CLOUD) == Target("claude-cloud", "litellm")
+    assert _route("claude-opus-4-8", default_model="tiny-a", litellm=CLOUD) == Target("tiny-a")
 
 
 def test_program_environment_carries_the_effective_settings(tmp_path):
@@ -200,10 +215,10 @@ def test_debug_logging_redacts_keys():
     assert "sk-1" not in repr(shown) and shown["max_tokens"] == 5 and shown["model"] == "x"
 
 
-def test_the_readme_example_plugin_works(tmp_path):
+def test_the_documented_example_plugin_works(tmp_path):
     from mlxgate import PROJECT_ROOT
 
-    readme = (PROJECT_ROOT / "README.md").read_text()
+    readme = (PROJECT_ROOT / "docs" / "plugins.md").read_text()
     source = readme.split("# plugins/house_rules.py\n", 1)[1].split("```", 1)[0]
     (tmp_path / "house_rules.py").write_text(source)
     config = load_config(Path("/nonexistent.yaml"), env={}, overrides={"default_model": "tiny-a"})
@@ -255,3 +270,53 @@ def test_the_proxy_reaches_the_relay_at_its_door_unless_the_folder_is_too_deep_f
     deep = load_config(env={"MLXGATE_HOME": "/tmp/" + "d" * 100, "MLX_WRAPPER_URL": "http://127.0.0.1:9"})
     client = RelayClient(deep)
     assert client.door is None and client.base == "http://127.0.0.1:9"
+
+
+def test_a_plugin_with_the_old_name_of_the_availability_check_is_still_called_and_told_to_rename(tmp_path, caplog):
+    from mlxgate.proxy.pipeline import Hooks
+
+    (tmp_path / "old_check.py").write_text("import mlxgate\n\nCALLS = []\n\n@mlxgate.hookimpl\n"
+                                           "def mlxgate_ensure_loaded(ctx):\n    CALLS.append(ctx.target.model)\n")
+    config = load_config(tmp_path / "none.yaml", env={}, overrides={"default_model": "tiny-a",
+                                                                    "plugin_dirs": [str(tmp_path)]})
+    with caplog.at_level("WARNING", logger="mlxgate.plugins"):
+        hooks = Hooks(config, make_manager(config.plugin_dirs, entry_points=False))
+    assert any("old_check.py" in r.getMessage() and "is now mlxgate_check_available" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    import sys
+    hooks.pm.hook.mlxgate_check_available = lambda ctx: True  # the built-in would look for the folder
+    hooks.run("chat_completions", {"model": "gpt-4o"})
+    assert sys.modules["mlxgate_user_plugins.old_check"].CALLS == ["tiny-a"]
+
+
+def test_claude_codes_billing_line_is_dropped_for_local_models_and_kept_for_deployments():
+    """Its last part is a digest of the session's first prompt: two sessions would differ from
+    the first token, and none of the system prompt would be read from the cache."""
+    config = load_config(Path("/nonexistent.yaml"), env={}, overrides={"default_model": "tiny-a", "litellm": CLOUD})
+    pm = make_manager(entry_points=False)
+    system = [{"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.332.16f; cc_entrypoint=sdk-cli;"},
+              {"type": "text", "text": "You are a Claude agent.", "cache_control": {"type": "ephemeral"}}]
+    for model, kept in (("claude-opus-4-8", 1), ("claude-cloud", 2)):
+        ctx = CallContext("anthropic_messages", model, {"model": model, "system": list(system)}, config)
+        ctx.target = pm.hook.mlxgate_resolve_model(ctx=ctx)
+        pm.hook.mlxgate_pre_call(ctx=ctx)
+        assert len(ctx.data["system"]) == kept and ctx.data["system"][-1]["text"] == "You are a Claude agent."
+
+
+def test_a_ledger_written_before_a_column_was_added_gets_it_and_keeps_its_rows(tmp_path):
+    import sqlite3
+
+    from mlxgate.ledger import Ledger
+    from mlxgate.usage import COLUMNS, Record
+
+    path = tmp_path / "usage.sqlite"
+    old = [c for c in COLUMNS if c != "images"]
+    with sqlite3.connect(path) as db:
+        db.execute(f"CREATE TABLE requests (id INTEGER PRIMARY KEY AUTOINCREMENT, {', '.join(old)})")
+        db.execute("INSERT INTO requests (api, route, at, input_tokens) VALUES ('openai', 'chat_completions', 1.0, 7)")
+    ledger = Ledger(str(path))
+    assert ledger.insert([Record("anthropic", "anthropic_messages", images=2, input_tokens=300)]) == 1
+    ledger.close()
+    with sqlite3.connect(path) as db:
+        rows = db.execute("SELECT api, input_tokens, images FROM requests ORDER BY id").fetchall()
+    assert rows == [("openai", 7, None), ("anthropic", 300, 2)]

@@ -17,122 +17,105 @@ import requests
 from support import Wrapper, free_port, pid_alive, port_open, wait_for
 
 
-def chat(wrapper, text: str = "hello", max_tokens: int = 8, server: str = "dynamic", **extra) -> dict:
-    """A chat completion through the wrapper's relay (the model servers answer it alone)."""
-    response = wrapper.call("POST", f"/backends/{server}/v1/chat/completions", json={
+def chat(wrapper, text: str = "hello", max_tokens: int = 8, to: str = "tiny-a", **extra) -> dict:
+    """A chat completion through the wrapper's relay for the model `to` (the model servers answer it alone)."""
+    response = wrapper.call("POST", "/relay/v1/chat/completions", headers={"x-mlxgate-model": to}, json={
         "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens, **extra})
     assert response.status_code == 200, response.text
     return response.json()
 
 
-def test_load_a_model_and_it_answers(wrapper):
-    response = wrapper.load("tiny-a")
+def test_load_a_model_and_it_answers_on_a_port_of_its_own(wrapper):
+    response = wrapper.load("org/tiny-b")
     assert response.status_code == 200, response.text
     status = response.json()
-    assert status["state"] == "ready" and status["model"] == "tiny-a"
-    assert status["port"] == wrapper.dynamic_port and pid_alive(status["pid"])
-    answer = chat(wrapper, "Say hello", max_tokens=5)
+    assert status["state"] == "ready" and status["model"] == "org/tiny-b" and pid_alive(status["pid"])
+    assert status["port"] not in (wrapper.dynamic_port, wrapper.autocomplete_port, wrapper.port)
+    assert status["pinned"] is False and status["cost_bytes"] > status["prompt_cache_bytes"] > 0
+    answer = chat(wrapper, "Say hello", max_tokens=5, to="org/tiny-b")
     assert answer["usage"]["completion_tokens"] == 5
-    print(f"\nload tiny-a: {status['load_seconds']} s")
+    print(f"\nload org/tiny-b: {status['load_seconds']} s")
 
 
-def test_switch_a_to_b_to_a(wrapper):
-    seen = []
-    for name in ("tiny-a", "org/tiny-b", "tiny-a"):
-        response = wrapper.load(name)
-        assert response.status_code == 200, response.text
-        status = response.json()
-        assert status["model"] == name
-        seen.append((name, status["pid"], status["load_seconds"]))
-        # the dynamic server really serves that model now (tiny-b has 3 layers, tiny-a 2)
-        assert chat(wrapper, max_tokens=2)["usage"]["completion_tokens"] == 2
-        models = {m["name"]: m for m in wrapper.call("GET", "/models").json()["models"]}
-        assert [s["role"] for s in models[name]["servers"] if s["state"] == "ready"][:1] == ["dynamic"] \
-            or name == "tiny-a"
-    assert seen[0][1] != seen[1][1] != seen[2][1], "each switch starts a fresh server process"
-    print("\nswitch timings (model, pid, load s):", seen)
+def test_several_models_stay_loaded_side_by_side(wrapper):
+    """No switching: each model has its own server, and one that is loaded is never loaded again."""
+    pids = {name: wrapper.load(name).json()["pid"] for name in ("org/tiny-b", "tiny-c")}
+    loads = {name: wrapper.server(name)["loads"] for name in pids}
+    for name in ("org/tiny-b", "tiny-c", "tiny-a", "org/tiny-b"):
+        assert chat(wrapper, max_tokens=2, to=name)["usage"]["completion_tokens"] == 2
+    assert {name: wrapper.server(name)["pid"] for name in pids} == pids
+    assert {name: wrapper.server(name)["loads"] for name in pids} == loads
+    assert {"org/tiny-b", "tiny-a", "tiny-c"} <= set(wrapper.loaded())
 
 
 def test_provider_prefix_and_org_forms_name_the_same_model(wrapper):
-    assert wrapper.load("tiny-a").status_code == 200
-    loads_before = wrapper.servers()["dynamic"]["loads"]
-    for name in ("openai/tiny-a", "mlx/tiny-a"):
+    assert wrapper.load("tiny-c").status_code == 200
+    loads_before = wrapper.server("tiny-c")["loads"]
+    for name in ("openai/tiny-c", "mlx/tiny-c"):
         response = wrapper.load(name)
-        assert response.status_code == 200 and response.json()["model"] == "tiny-a"
-    assert wrapper.servers()["dynamic"]["loads"] == loads_before, "already loaded: no reload"
+        assert response.status_code == 200 and response.json()["model"] == "tiny-c"
+    assert wrapper.server("tiny-c")["loads"] == loads_before, "already loaded: no reload"
 
 
 def test_concurrent_loads_of_one_model_share_one_load(wrapper):
-    assert wrapper.load("tiny-a").status_code == 200
-    loads_before = wrapper.servers()["dynamic"]["loads"]
+    wrapper.unload("tiny-c")
+    loads_before = wrapper.server("tiny-c")["loads"]
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
-        results = list(pool.map(lambda _: wrapper.load("org/tiny-b"), range(6)))
+        results = list(pool.map(lambda _: wrapper.load("tiny-c"), range(6)))
     assert all(r.status_code == 200 for r in results), [r.text for r in results]
     assert len({r.json()["pid"] for r in results}) == 1
-    assert wrapper.servers()["dynamic"]["loads"] == loads_before + 1
+    assert wrapper.server("tiny-c")["loads"] == loads_before + 1
 
 
-def test_a_load_of_another_model_waits_its_turn(wrapper):
-    assert wrapper.load("tiny-a").status_code == 200
-    finished = {}
-
-    def load(name):
-        response = wrapper.load(name)
-        finished[name] = time.monotonic()
-        return response
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(load, ["org/tiny-b", "tiny-a"]))
-    assert [r.status_code for r in results] == [200, 200]
-    last = max(finished, key=finished.get)
-    final = wrapper.servers()["dynamic"]
-    assert final["state"] == "ready" and final["model"] == last, "the later load won, none was lost"
-    assert chat(wrapper, max_tokens=1)["choices"]
-
-
-def test_unload_stops_the_dynamic_server(wrapper):
-    pid = wrapper.load("tiny-a").json()["pid"]
-    response = wrapper.call("POST", "/models/unload", json={"server": "dynamic"})
+def test_unload_stops_that_model_only(wrapper):
+    pid = wrapper.load("tiny-c").json()["pid"]
+    port = wrapper.server("tiny-c")["port"]
+    response = wrapper.unload("tiny-c")
     assert response.status_code == 200 and response.json()["state"] == "stopped"
     wait_for(lambda: not pid_alive(pid), 10, what="the unloaded server to exit")
-    assert not port_open(wrapper.dynamic_port)
-    assert wrapper.servers()["autocomplete"]["state"] == "ready", "unload touches only its server"
+    assert not port_open(port)
+    assert wrapper.server("tiny-a")["state"] == "ready", "unload touches only its model"
 
 
 def test_connections_to_the_model_server_are_opened_ahead_and_never_outlive_it(wrapper):
     """mlx_lm.server closes each connection after one answer: the relay opens the next ones
     while a request runs (at most two wait), and closes them when the server goes."""
-    first = wrapper.load("tiny-a").json()
+    first = wrapper.load("tiny-c").json()
     for _ in range(3):
-        chat(wrapper, max_tokens=1)
+        chat(wrapper, max_tokens=1, to="tiny-c")
 
-    def waiting(pid: int) -> list:
+    def waiting(pid: int, port: int) -> list:
         return [c for c in psutil.Process(pid).net_connections("tcp")
-                if c.laddr.port == wrapper.dynamic_port and c.status == psutil.CONN_ESTABLISHED]
-    assert 1 <= len(wait_for(lambda: waiting(first["pid"]), 10, what="connections opened ahead")) <= 2
-    second = wrapper.load("org/tiny-b").json()
+                if c.laddr.port == port and c.status == psutil.CONN_ESTABLISHED]
+    assert 1 <= len(wait_for(lambda: waiting(first["pid"], first["port"]), 10, what="connections opened ahead")) <= 2
+    wrapper.unload("tiny-c")
+    second = wrapper.load("tiny-c").json()
     assert second["pid"] != first["pid"] and not pid_alive(first["pid"])
-    assert chat(wrapper, max_tokens=2)["usage"]["completion_tokens"] == 2, "a new server, new connections"
+    assert chat(wrapper, max_tokens=2, to="tiny-c")["usage"]["completion_tokens"] == 2, "new connections"
     relay = [c for c in psutil.Process(second["pid"]).parent().net_connections("tcp")
-             if c.raddr and c.raddr.port == wrapper.dynamic_port]
-    assert relay and all(c.status == psutil.CONN_ESTABLISHED for c in relay), "none left from the old server"
+             if c.raddr and c.raddr.port in (first["port"], second["port"])]
+    assert relay and all(c.raddr.port == second["port"] and c.status == psutil.CONN_ESTABLISHED for c in relay), \
+        "none left from the old server"
 
 
-def test_autocomplete_server_answers_completions(wrapper):
-    wait_for(lambda: wrapper.servers()["autocomplete"]["state"] == "ready", 60, what="autocomplete")
-    response = wrapper.call("POST", "/backends/autocomplete/v1/completions",
+def test_the_autocomplete_model_answers_completions_on_its_own_port(wrapper):
+    wait_for(lambda: wrapper.server("tiny-a")["state"] == "ready", 60, what="autocomplete")
+    assert wrapper.server("tiny-a")["port"] == wrapper.autocomplete_port
+    assert wrapper.server("tiny-a")["name"] == "autocomplete"
+    response = wrapper.call("POST", "/relay/v1/completions", headers={"x-mlxgate-model": "tiny-a"},
                             json={"prompt": "def add(a, b):", "max_tokens": 4})
     assert response.status_code == 200
     body = response.json()
     assert body["object"] == "text_completion" and body["usage"]["completion_tokens"] == 4
 
 
-def test_unknown_model_is_a_clear_404_and_the_current_model_keeps_serving(wrapper):
-    pid = wrapper.load("tiny-a").json()["pid"]
+def test_unknown_model_is_a_clear_404_and_the_loaded_ones_keep_serving(wrapper):
+    pid = wrapper.server("tiny-a")["pid"]
     response = wrapper.load("no-such-model")
     assert response.status_code == 404
     error = response.json()["error"]
     assert error["code"] == "model_not_found" and "no-such-model" in error["message"]
-    assert wrapper.servers()["dynamic"]["pid"] == pid
+    assert wrapper.server("tiny-a")["pid"] == pid
     assert chat(wrapper, max_tokens=1)["choices"]
 
 
@@ -150,49 +133,48 @@ def test_names_that_escape_the_model_directories_are_refused(wrapper, models_dir
     assert str(models_dir) not in error["message"], "no path of this machine in an answer"
 
 
-def test_garbage_weights_fail_fast_and_the_previous_model_keeps_serving(wrapper):
-    pid = wrapper.load("tiny-a").json()["pid"]
+def test_garbage_weights_fail_fast_and_the_loaded_models_keep_serving(wrapper):
+    pid = wrapper.server("tiny-a")["pid"]
     response = wrapper.load("broken-garbage")
     assert response.status_code == 503 and response.headers["x-should-retry"] == "false"
     message = response.json()["error"]["message"]
     assert "broken-garbage" in message and "model.safetensors" in message
-    assert "'tiny-a' is still serving" in message
-    assert wrapper.servers()["dynamic"]["pid"] == pid, "never stopped"
+    assert wrapper.server("tiny-a")["pid"] == pid, "never stopped"
     assert chat(wrapper, max_tokens=1)["choices"]
 
 
-def test_weights_that_do_not_fit_fail_and_the_previous_model_serves_again(wrapper):
-    wrapper.load("org/tiny-b")
+def test_weights_that_do_not_fit_their_config_fail_and_hold_no_memory(wrapper):
     response = wrapper.load("broken-shapes")
     assert response.status_code == 503 and response.headers["x-should-retry"] == "false"
     error = response.json()["error"]
     assert error["code"] == "model_load_failed"
     assert "broken-shapes" in error["message"] and "shape" in error["message"].lower()
-    assert "'org/tiny-b' is serving again" in error["message"]
-    dynamic = wrapper.servers()["dynamic"]
-    assert dynamic["state"] == "ready" and dynamic["model"] == "org/tiny-b"
+    broken = wrapper.server("broken-shapes")
+    assert broken["state"] == "failed" and broken["cost_bytes"] == 0
     assert chat(wrapper, max_tokens=1)["choices"]
 
 
 def test_a_model_server_answers_the_relay_alone(wrapper):
     """Straight to the model server's port, past the queue and the cap: refused. Through the
-    relay, a body naming another model is answered by the model the wrapper loaded."""
-    status = wrapper.load("tiny-a").json()
+    relay, a body naming another model is answered by the model the header names."""
+    status = wrapper.server("tiny-a")
     request = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     for headers in ({}, {"Authorization": "Bearer guess"}):
-        direct = requests.post(f"http://127.0.0.1:{wrapper.dynamic_port}/v1/chat/completions", json=request,
+        direct = requests.post(f"http://127.0.0.1:{status['port']}/v1/chat/completions", json=request,
                                headers=headers, timeout=30)
         assert direct.status_code == 403 and "relay only" in direct.json()["error"]
-    assert requests.get(f"http://127.0.0.1:{wrapper.dynamic_port}/v1/models", timeout=30).status_code == 403
+    assert requests.get(f"http://127.0.0.1:{status['port']}/v1/models", timeout=30).status_code == 403
     answer = chat(wrapper, max_tokens=2, model="org/tiny-b", adapters="x", draft_model="org/tiny-b")
     assert answer["usage"]["completion_tokens"] == 2
-    after = wrapper.servers()["dynamic"]
-    assert (after["model"], after["pid"], after["loads"]) == ("tiny-a", status["pid"], status["loads"])
+    after = wrapper.server("tiny-a")
+    assert (after["pid"], after["loads"]) == (status["pid"], status["loads"])
     # nor does it hold the gateway's secrets: its key, a database URL
     assert wrapper.env["MLXGATE_API_KEY"]  # the wrapper has one
     environ = psutil.Process(status["pid"]).environ()
     assert "MLXGATE_API_KEY" not in environ and "MLXGATE_DATABASE_URL" not in environ
     assert environ["MLXGATE_HOME"] == wrapper.env["MLXGATE_HOME"]  # what tells the group's processes apart
+    missing = wrapper.call("POST", "/relay/v1/chat/completions", json=request)
+    assert missing.status_code == 400 and "x-mlxgate-model" in missing.json()["error"]["message"]
 
 
 def test_a_model_server_never_loads_another_model(models_dir, tmp_path):
@@ -228,9 +210,9 @@ def test_a_model_server_never_loads_another_model(models_dir, tmp_path):
 @pytest.mark.parametrize("body, problem", [
     (b"{not json", "not valid JSON"),
     (b"[1, 2]", "JSON object"),
-    (b'{"server": "dynamic"}', "`model` is required"),
+    (b'{}', "`model` is required"),
     (b'{"model": 42}', "`model` is required"),
-    (b'{"model": "tiny-a", "server": "gpu"}', "server must be one of"),
+    (b'{"model": "tiny-a", "server": "dynamic"}', "server: unknown field; send only `model`"),
 ])
 def test_bad_requests_to_the_management_api_get_json_errors(wrapper, body, problem):
     response = wrapper.call("POST", "/models/load", data=body, headers={"Content-Type": "application/json"})

@@ -94,11 +94,13 @@ def rows(config: Config) -> list[tuple[str, str, str]]:
             found.append((f"host {entry.name}", state, str(exc)))
             continue
         servers = []
-        for role, server in (answer.get("servers") or {}).items():
+        for model, server in (answer.get("servers") or {}).items():
+            if server.get("state") not in ("ready", "starting"):
+                continue
             queue = server.get("queue") or {}
-            servers.append(f"{role} {server['state']}" + (f" {server['model']}" if server.get("model") else "")
-                           + f" (queue {queue.get('queued', 0)}, running {len(queue.get('active') or ())})")
-        found.append((f"host {entry.name}", "UP", f"{entry.url}: {'; '.join(servers)}; "
+            servers.append(f"{model} {server['state']} (queue {queue.get('queued', 0)}, "
+                           f"running {len(queue.get('active') or ())})")
+        found.append((f"host {entry.name}", "UP", f"{entry.url}: {'; '.join(servers) or 'nothing loaded'}; "
                                                   f"{len(answer.get('models') or ())} models"))
     return found
 

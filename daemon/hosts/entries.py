@@ -60,7 +60,7 @@ def check_url(url: Any) -> str:
     parsed = urlparse(url) if isinstance(url, str) else None
     if parsed is None or parsed.scheme != "https" or not parsed.hostname or not parsed.port or \
             parsed.path.strip("/"):
-        raise ValueError("expected the host's relay address such as https://192.168.1.20:11434 "
+        raise ValueError("expected the host's relay address such as https://192.168.1.20:11435 "
                          "(hosts are reached over TLS only)")
     return url.rstrip("/")
 

@@ -1,13 +1,13 @@
 """Where a request goes: LiteLLM's Router chooses among this machine and the hosts.
 
-Each (model, server) is a model group whose deployments are the places that can serve
-it. The Router keeps what it is good at: cooldowns (a place that failed is left out for
+Each model is a model group whose deployments are the places that can serve it. The Router keeps what it is good at: cooldowns (a place that failed is left out for
 `COOLDOWN` seconds, then tried again by itself) and deployment affinity (a conversation,
 keyed by `session_id`, stays on the place that served its previous turn while that
 place is healthy, so its prompt cache is hit). The ranking itself is a custom routing
-strategy fed with mlxgate's view of every place (`HostView`): the model loaded there
-first (no switch), then the least loaded. A conversation's place is not kept when it
-would have to switch model while another place has the model loaded and room.
+strategy fed with mlxgate's view of every place (`HostView`): a place whose resident set
+holds the model first (no load), then one with free room for it, then the least loaded. A
+conversation's place is not kept when it would have to load the model while another place
+has it loaded and room.
 
 The Router only chooses: the request is sent by the gateway itself, on its own path,
 after the hooks ran once (see `proxy.hosts`).
@@ -24,10 +24,6 @@ from .view import HostView
 COOLDOWN = 10.0       # seconds a failed place is left out
 AFFINITY_TTL = 3600   # seconds a conversation stays pinned to its place
 ORDER = "mlxgate_order"
-
-
-def group_name(model: str, role: str) -> str:
-    return f"{model}@{role}"
 
 
 def deployment_id(host: str, group: str) -> str:
@@ -70,23 +66,22 @@ class Chooser:
         """Make the Router's deployments the (place, group) pairs the views show."""
         wanted = set()
         for host, view in self.views.items():
-            for role in view.servers:
-                for model in {*view.models, *(s.get("model") for s in view.servers.values() if s.get("model"))}:
-                    if view.can_serve(model, role):
-                        wanted.add((host, group_name(model, role)))
+            for model in {*view.models, *view.servers}:
+                if view.can_serve(model):
+                    wanted.add((host, model))
         if wanted != self._groups:
             self._groups = wanted
             self.router.set_model_list(self._deployments())
 
-    def ensure(self, host: str, model: str, role: str) -> None:
-        if self.views[host].can_serve(model, role) and (host, group_name(model, role)) not in self._groups:
-            self._groups.add((host, group_name(model, role)))
+    def ensure(self, host: str, model: str) -> None:
+        if self.views[host].can_serve(model) and (host, model) not in self._groups:
+            self._groups.add((host, model))
             self.router.set_model_list(self._deployments())
 
     # ---------------------------------------------------------------- choosing
-    async def choose(self, model: str, role: str, conversation: str | None) -> list[str]:
+    async def choose(self, model: str, conversation: str | None) -> list[str]:
         """The places to try, best first (empty: none can serve it now)."""
-        group = group_name(model, role)
+        group = model
         kwargs: dict = {"metadata": {"session_id": conversation} if conversation else {}}
         try:
             await self.router.async_get_available_deployment(model=group, request_kwargs=kwargs)
@@ -96,13 +91,13 @@ class Chooser:
             return [host_of(d) for d in kwargs[ORDER]]
         # every place that could serve it is cooling down: try them anyway, reachable ones first
         able = [d for d in self._deployments() if d["model_name"] == group]
-        return [host_of(d) for d in sorted(self.rank(able, model, role),
+        return [host_of(d) for d in sorted(self.rank(able, model),
                                            key=lambda d: not self.views[host_of(d)].reachable)]
 
-    async def served(self, host: str, model: str, role: str, conversation: str | None) -> None:
+    async def served(self, host: str, model: str, conversation: str | None) -> None:
         """`host` answered this conversation: pin it there (the first pin holds while its place is healthy)."""
         if conversation:
-            group = group_name(model, role)
+            group = model
             await self.affinity.async_pre_call_deployment_hook({"metadata": {
                 "session_id": conversation, "deployment_model_name": group,
                 "model_info": {"id": deployment_id(host, group)}}}, None)
@@ -115,22 +110,22 @@ class Chooser:
                     deployment_id(place, group), error, 503, self.cooldown)
 
     # ---------------------------------------------------------------- ranking
-    def rank(self, deployments: list[dict], model: str, role: str) -> list[dict]:
-        """Loaded first (then: nothing to give up, then another idle model, then a busy one);
-        among equals the least loaded, ties in random order; places without room last."""
+    def rank(self, deployments: list[dict], model: str) -> list[dict]:
+        """Resident first (then: free room for it, then an idle model to evict, then busy ones
+        to wait for); among equals the least loaded, ties in random order; places without room last."""
         views = [self.views[host_of(d)] for d in deployments]
         order = list(range(len(deployments)))
         self.shuffle(order)
-        order.sort(key=lambda i: (not views[i].has_room(role), views[i].switch_cost(model, role),
-                                  views[i].load(role) / max(1, views[i].capacity(role))))
+        order.sort(key=lambda i: (not views[i].has_room(model), views[i].load_cost(model),
+                                  views[i].load(model) / max(1, views[i].capacity(model))))
         return [deployments[i] for i in order]
 
-    def keeps_conversation(self, pinned: dict, others: list[dict], model: str, role: str) -> bool:
-        """A pinned place is kept unless it would switch while another place has the model and room."""
+    def keeps_conversation(self, pinned: dict, others: list[dict], model: str) -> bool:
+        """A pinned place is kept unless it would load the model while another place has it and room."""
         view = self.views[host_of(pinned)]
-        if view.has_model(model, role):
+        if view.has_model(model):
             return True
-        return not any(self.views[host_of(d)].has_model(model, role) and self.views[host_of(d)].has_room(role)
+        return not any(self.views[host_of(d)].has_model(model) and self.views[host_of(d)].has_room(model)
                        for d in others)
 
 
@@ -145,18 +140,18 @@ class _Strategy:
                                              specific_deployment=False, request_kwargs=None):
         router = self.chooser.router
         request_kwargs = request_kwargs if request_kwargs is not None else {}
-        model_name, role = model.rsplit("@", 1)
+        model_name = model
         healthy = await _healthy(router, model, dict(request_kwargs))
         if len(healthy) == 1 and request_kwargs.get("metadata", {}).get("session_id"):
             everyone = await _healthy(router, model, {"metadata": {}})
             others = [d for d in everyone if host_of(d) != host_of(healthy[0])]
-            if self.chooser.keeps_conversation(healthy[0], others, model_name, role):
-                healthy = [healthy[0], *self.chooser.rank(others, model_name, role)]  # the rest: retries
+            if self.chooser.keeps_conversation(healthy[0], others, model_name):
+                healthy = [healthy[0], *self.chooser.rank(others, model_name)]  # the rest: retries
             else:
-                healthy = self.chooser.rank(everyone, model_name, role)
+                healthy = self.chooser.rank(everyone, model_name)
             request_kwargs[ORDER] = healthy
             return healthy[0] if healthy else None
-        ranked = self.chooser.rank(healthy, model_name, role)
+        ranked = self.chooser.rank(healthy, model_name)
         request_kwargs[ORDER] = ranked
         return ranked[0] if ranked else None
 

@@ -41,3 +41,13 @@ def check_token_limit(body: dict, key: str) -> int | None:
     if value >= MAX_TOKENS_LIMIT:
         raise invalid(f"{key}: Input should be less than {MAX_TOKENS_LIMIT}, got {value}")
     return value
+
+
+def message_role(i: int, message, roles: tuple[str, ...]) -> str:
+    """The role of `messages[i]`, checked: an object whose `role` is one of `roles`."""
+    if not isinstance(message, dict):
+        raise invalid(f"messages.{i}: Input should be an object with `role` and `content`")
+    role = message.get("role")
+    if role not in roles:
+        raise invalid(f"messages.{i}.role: Input should be one of {', '.join(roles)}, got {shown(role)}")
+    return role

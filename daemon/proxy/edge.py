@@ -19,11 +19,10 @@ import logging
 import time
 import urllib.parse
 
-from ..api_errors import ANTHROPIC, OPENAI, error_response, exception_response, is_anthropic_path, kind_for_status, kind_of
+from ..api_errors import ANTHROPIC, OLLAMA, OPENAI, error_response, exception_response, is_anthropic_path, kind_for_status, kind_of
 from ..config import Config
 from ..credentials import credential, is_key
 from ..errors import MlxgateError
-from ..hookspecs import LITELLM
 from ..json_body import parse_object
 from ..relay_protocol import CLIENT_HEADERS, REQUESTED_HEADER
 from ..usage import Record, client_name
@@ -89,10 +88,15 @@ class Edge:
                 return await self.cloud.forward_raw(scope, receive, send)
             return await _error(send, api, "not_found", f"no route {method} {path} here: mlxgate serves "
                                 f"POST /v1/messages, /v1/messages/count_tokens, /v1/chat/completions, "
-                                f"/v1/completions, /v1/responses, /v1/responses/input_tokens, "
+                                f"/v1/completions, /v1/responses, /v1/responses/input_tokens, /v1/embeddings, /v1/rerank, "
                                 f"GET and DELETE /v1/responses/ID and GET /v1/models, /metrics, /")
-        record = Record(api=api, route=route.name, client=client_name(headers.get("user-agent"),
-                                                                      headers.get("originator")))
+        return await self.answer(scope, receive, send, route, headers, api)
+
+    async def answer(self, scope, receive, send, route: routes.Route, headers: dict, family: str) -> None:
+        """Answer one API request of `route` (its key already checked), recorded under the API
+        `family`; the Ollama listener's requests come here too."""
+        record = Record(api=family, route=route.name, client=client_name(headers.get("user-agent"),
+                                                                            headers.get("originator")))
         tracked = _Tracked(send)
         started = time.perf_counter()
         mine = True
@@ -125,7 +129,7 @@ class Edge:
             await _error(send, api, "invalid_request", str(exc))
             return True
         record.requested_model = str(data.get("model") or "")[:256]
-        record.stream = data.get("stream") is True
+        record.stream = data.get("stream", api == OLLAMA) is True  # Ollama's stream unless it says not
         try:
             ctx = self.hooks.run(route.name, data)
         except MlxgateError as exc:
@@ -139,12 +143,14 @@ class Edge:
                          f"{route.name}; `mlxgate logs proxy` has the traceback")
             return True
         target = ctx.target
-        record.served_model, record.server = target.model, target.server
-        if target.server == LITELLM:
-            if self.cloud is None:
+        record.served_model, record.server = target.model, target.via
+        if not target.local:
+            if self.cloud is None or not route.cloud:
                 record.error = "not_found"
-                await _error(send, api, "not_found", f"model {target.model!r} names a LiteLLM deployment, "
-                             f"but the config's litellm: section lists none")
+                await _error(send, api, "not_found", f"model {target.model!r} names a LiteLLM deployment, " + (
+                    "but the config's litellm: section lists none" if route.cloud else
+                    "which Ollama's API does not reach (it serves local models); send the request to the "
+                    "gateway's own port, in the Anthropic or OpenAI API"))
                 return True
             send.usage.watch()
             await self._guarded(send, api, _until_disconnect(self.cloud.forward(scope, ctx.data, send, api),
@@ -156,15 +162,15 @@ class Edge:
         if self.hosts is not None:  # several machines: the best place for it (see `hosts`)
             call = self.hosts.forward(send, api, target, route.name, route.relay_path, ctx.data, client)
         else:
-            call = self.relay.forward(send, api, target.server, route.relay_path, target.model, ctx.data, client)
+            call = self.relay.forward(send, api, route.relay_path, target.model, ctx.data, client)
         try:
             complete = await _until_disconnect(call, receive)
         except MlxgateError as exc:
-            record.server, record.error = target.server, kind_of(exc)[0]
+            record.server, record.error = target.via, kind_of(exc)[0]
             await _reply(send, *exception_response(api, exc))
             return True
         if complete is False:  # the relay (or the host) went away mid-answer, its record with it
-            record.server, record.error = target.server, "backend_error"
+            record.server, record.error = target.via, "backend_error"
             return True
         return False
 

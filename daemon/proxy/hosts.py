@@ -118,16 +118,16 @@ class HostRouting:
         connection it could not write to: either way the gateway records the failure)."""
         await self.started()
         conversation = conversation_key(route, data) if route != "count_tokens" else None
-        places = await self.chooser.choose(target.model, target.server, conversation)
+        places = await self.chooser.choose(target.model, conversation)
         if not places:
-            raise Unavailable(self._nowhere(target.model, target.server))
+            raise Unavailable(self._nowhere(target.model))
         last: MlxgateError | None = None
         for index, name in enumerate(places):
             view, client = self.views[name], self.clients[name]
-            view.inflight[target.server] += 1
+            view.inflight[target.model] += 1
             try:
                 try:
-                    response = await client.open(target.server, api_path, target.model, data, client_headers)
+                    response = await client.open(api_path, target.model, data, client_headers)
                 except Unavailable as exc:
                     log.warning("%s did not take a request for %s: %s", name, target.model, exc)
                     view.lost(_why(exc))
@@ -139,20 +139,20 @@ class HostRouting:
                     last = Unavailable(f"{name} answered {response.status}")
                     continue
                 if response.status < 400:
-                    await self.chooser.served(name, target.model, target.server, conversation)
+                    await self.chooser.served(name, target.model, conversation)
                 if not await client.pipe(response, _tagged(send, name), api):
                     view.lost(f"{client.what} closed an answer mid-way")
                     self.chooser.failed(name, Unavailable("closed mid-answer"))
                     return False
                 return True
             finally:
-                view.inflight[target.server] -= 1
+                view.inflight[target.model] -= 1
         raise Unavailable(f"no place could take the request for {target.model!r}: {last}. "
                           f"Check `mlxgate status`.")
 
-    def _nowhere(self, model: str, role: str) -> str:
+    def _nowhere(self, model: str) -> str:
         down = [n for n, v in self.views.items() if not v.reachable]  # why is for the operator: `mlxgate status`
-        return (f"no place can serve {model!r} on its {role} server now: no reachable host has it"
+        return (f"no place can serve {model!r} now: no reachable host has it"
                 + (f"; down: {', '.join(down)}" if down else "") + ". `mlxgate status` says why.")
 
     def model_names(self) -> tuple[str, ...]:

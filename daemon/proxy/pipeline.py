@@ -1,4 +1,4 @@
-"""The hooks, run once per request in the proxy: resolve → ensure_loaded → pre_call."""
+"""The hooks, run once per request in the proxy: resolve → check_available → pre_call."""
 
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ class Hooks:
             if target is None:
                 raise RequestRejected(404, f"no plugin knows model {ctx.requested_model!r}", "not_found")
             ctx.target = target
-            self.pm.hook.mlxgate_ensure_loaded(ctx=ctx)
+            self.pm.hook.mlxgate_check_available(ctx=ctx)
+            self.pm.hook.mlxgate_ensure_loaded(ctx=ctx)  # the deprecated name, for plugins not yet renamed
             self.pm.hook.mlxgate_pre_call(ctx=ctx)
         except Exception as exc:
             log.warning("%s %r refused: %s", route, ctx.requested_model[:80], exc)

@@ -24,6 +24,7 @@ log = logging.getLogger("mlxgate.proxy")
 
 PASSED_HEADERS = ("content-type", "content-length", "cache-control", "retry-after", "x-should-retry",
                   "server-timing")
+STREAMS = ("text/event-stream", "application/x-ndjson")  # SSE, and Ollama's one object a line
 
 
 class RelayClient:
@@ -76,21 +77,21 @@ class RelayClient:
                                        timeout=aiohttp.ClientTimeout(total=timeout)) as response:
             response.raise_for_status()
 
-    async def forward(self, send, api: str, server: str, api_path: str, model: str, data: dict,
+    async def forward(self, send, api: str, api_path: str, model: str, data: dict,
                       client_headers: dict | None = None) -> bool:
         """POST `data` to the relay and send its answer to the client (ASGI `send`); False
         when the answer broke off before its end (see `pipe`)."""
-        return await self.pipe(await self.open(server, api_path, model, data, client_headers), send, api)
+        return await self.pipe(await self.open(api_path, model, data, client_headers), send, api)
 
     async def forward_stored(self, send, method: str, path: str) -> None:
         """A stored response's GET or DELETE (no model, no hooks): the wrapper keeps them."""
         await self.pipe(await self._open(method, path, None, {}), send, RESPONSES)
 
-    async def open(self, server: str, api_path: str, model: str, data: dict,
+    async def open(self, api_path: str, model: str, data: dict,
                    client_headers: dict | None = None) -> aiohttp.ClientResponse:
-        """POST `data` to the relay; its answer, nothing sent to the client yet."""
+        """POST `data` to the relay for `model`; its answer, nothing sent to the client yet."""
         headers = {**(client_headers or {}), MODEL_HEADER: model}
-        return await self._open("POST", relay_path(server, api_path), dump(data), headers)
+        return await self._open("POST", relay_path(api_path), dump(data), headers)
 
     async def _open(self, method: str, path: str, body: bytes | None, headers: dict) -> aiohttp.ClientResponse:
         try:
@@ -113,7 +114,7 @@ class RelayClient:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
             except (aiohttp.ClientError, OSError) as exc:
                 log.warning("the relay connection to %s failed mid-answer: %s", self.where, exc)
-                if response.content_type != "text/event-stream":
+                if response.content_type not in STREAMS:
                     return False  # a JSON answer cut short: the client's connection is closed unfinished
                 complete = False
                 await send({"type": "http.response.body", "more_body": True, "body": error_event(

@@ -1,7 +1,8 @@
 """The status page at `/` on the proxy listeners: server-rendered HTML, refreshed by itself.
 
-What the wrapper knows (`GET /status`): each model server's state, model, queue and
-requests in flight; the last requests; per-minute totals of the last hour, drawn as small
+What the wrapper knows (`GET /status`): the resident set (each loaded model's state, port,
+memory, requests running and waiting, idle time and when it unloads) and the memory
+budget; the last requests; per-minute totals of the last hour, drawn as small
 charts with uPlot (vendored in `static/`, no build step). Numbers carry `data-` attributes
 so a test can read them back.
 
@@ -17,6 +18,8 @@ import html
 import json
 import time
 from pathlib import Path
+
+from ..resident_view import budget_line, rows as resident_rows
 
 STATIC = Path(__file__).parent / "static"
 STATIC_FILES = {"uPlot.iife.min.js": "application/javascript", "uPlot.min.css": "text/css"}
@@ -53,18 +56,13 @@ def render(data: dict, links: dict[str, str]) -> str:
     servers = data.get("servers") or {}
     totals = data.get("totals") or {}
     rows = []
-    for role, server in servers.items():
-        queue = server.get("queue") or {}
-        flight = "; ".join(f"#{a['id']} {_esc(a['route'])} {_esc(a['model'])} {a['running_s'] or 0:.1f} s"
-                           for a in queue.get("active") or []) or "idle"
+    for row in resident_rows(servers):
         rows.append(
-            f"<tr data-server='{_esc(role)}'><td>{_esc(role)}</td><td class='{_esc(server['state'])}'>"
-            f"{_esc(server['state'])}</td><td>{_esc(server.get('model'))}</td>"
-            f"<td data-in-flight='{len(queue.get('active') or [])}'>{len(queue.get('active') or [])} of "
-            f"{_esc(queue.get('max_parallel'))}</td>"
-            f"<td data-queued='{queue.get('queued', 0)}'>{queue.get('queued', 0)} (max {_esc(queue.get('max_queue'))})"
-            f"{' · switching' if queue.get('draining') else ''}</td>"
-            f"<td>{_esc(server.get('load_seconds'))}</td><td class='muted'>{flight}</td></tr>")
+            f"<tr data-server='{_esc(row['model'])}'><td>{_esc(row['model'])}</td><td class='{_esc(row['state'])}'>"
+            f"{_esc(row['state'])}</td><td>{_esc(row['port'])}</td><td>{_esc(row['memory'])}</td>"
+            f"<td data-in-flight='{row['in_flight']}'>{row['in_flight']}</td>"
+            f"<td data-queued='{row['queued']}'>{row['queued']}</td><td>{_esc(row['idle'])}</td>"
+            f"<td>{_esc(row['unloads'])}</td><td class='muted'>{_esc(row['detail'])}</td></tr>")
     recent = []
     for r in (data.get("recent") or [])[:25]:
         when = time.strftime("%H:%M:%S", time.localtime(r["at"]))
@@ -88,9 +86,10 @@ def render(data: dict, links: dict[str, str]) -> str:
 <body>
 <h1>mlxgate</h1>
 <div class="muted">refreshes every {REFRESH_SECONDS} s · {link_html}</div>
-<h2>Model servers</h2>
-<table><tr><th>server</th><th>state</th><th>model</th><th>in flight</th><th>waiting</th><th>load s</th>
-<th>requests in flight</th></tr>{''.join(rows)}</table>
+<h2>Loaded models</h2>
+<div class="muted" data-memory>{_esc(budget_line(data.get('memory') or {}))}</div>
+<table><tr><th>model</th><th>state</th><th>port</th><th>memory</th><th>running</th><th>waiting</th><th>idle</th>
+<th>unloads</th><th>detail</th></tr>{''.join(rows) or '<tr><td colspan=9 class=muted>none loaded</td></tr>'}</table>
 <h2>Since {since}</h2>
 <div class="totals"><span>requests <b data-total="requests">{totals.get('requests', 0)}</b></span>
 <span>errors <b data-total="errors">{totals.get('errors', 0)}</b></span>

@@ -22,6 +22,7 @@ The response object is completed in place; a non-streamed answer is the last eve
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 from ..api_errors import KINDS
 from ..messages.chat import translate_chunk
@@ -45,7 +46,7 @@ class ResponseTranslator:
     """Feeds on chat chunks; each call returns the events to send, in order."""
 
     def __init__(self, response: dict, tools: ToolNames | None = None, max_calls: int | None = None,
-                 input_tokens: int = 0):
+                 input_tokens: int = 0, count_tokens: Callable[[str], int] | None = None):
         self.response = response
         self.tools = tools or ToolNames()
         self.max_calls = max_calls
@@ -56,7 +57,13 @@ class ResponseTranslator:
         self.call_keys: dict[int, int] = {}  # chat call index → output index
         self.finish_reason: str | None = None
         self.usage: dict = {"prompt_tokens": input_tokens}  # until the model server reports its own
-        self.reasoning_tokens = 0
+        self.reasoning = ""                  # all the reasoning text, counted with the model's tokenizer
+        self.count_tokens = count_tokens      # (a chunk may carry several tokens)
+
+    def reasoning_tokens(self) -> int:
+        if not self.reasoning:
+            return 0
+        return self.count_tokens(self.reasoning) if self.count_tokens else len(self.reasoning.split())
 
     @property
     def index(self) -> int:
@@ -126,7 +133,7 @@ class ResponseTranslator:
             events.append(self._event("response.reasoning_summary_part.added",
                                       **self._part(summary_index=0, part={"type": "summary_text", "text": ""})))
         self.text += text
-        self.reasoning_tokens += 1
+        self.reasoning += text
         return events + [self._event("response.reasoning_summary_text.delta", **self._part(summary_index=0,
                                                                                             delta=text))]
 
@@ -183,7 +190,7 @@ class ResponseTranslator:
         cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
         return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached},
                 "output_tokens": completion,
-                "output_tokens_details": {"reasoning_tokens": min(self.reasoning_tokens, completion)},
+                "output_tokens_details": {"reasoning_tokens": min(self.reasoning_tokens(), completion)},
                 "total_tokens": prompt + completion}
 
     def finish(self) -> list[dict]:

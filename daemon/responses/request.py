@@ -4,10 +4,13 @@ Checks what the Responses API checks (errors name the field: `input.2.content.0.
 and tolerates what agents send that a local model cannot use: `include`,
 `prompt_cache_key`, `client_metadata`, `store`, `service_tier`, `text.verbosity`,
 reasoning items of earlier turns (their encrypted content is OpenAI's), server tools.
-What cannot be honored and would change the answer is refused with a 400: images and
-files (the models read text), structured output (`text.format` `json_schema` /
-`json_object`: mlx_lm.server 0.32 cannot constrain its output), `background`,
-`conversation`, `prompt` templates, `truncation: "auto"`, `top_logprobs`.
+What cannot be honored and would change the answer is refused with a 400: files and
+audio, `background`, `conversation`, `prompt` templates,
+`truncation: "auto"`, `top_logprobs`. Structured output (`text.format` `json_schema` /
+`json_object`, `strict` function tools, `tool_choice` "required" or one tool) becomes the
+chat body's `response_format`, `strict` and `tool_choice`, which the model server holds.
+`input_image` parts (`image_url`: a data URL or http(s)) become OpenAI `image_url` parts
+(`vision.images.part`); whether the model can read them is the factory's business.
 
 Input items become chat messages: `instructions` and the system/developer messages
 before the first other message one system message; later ones user messages (chat
@@ -22,12 +25,13 @@ from dataclasses import dataclass, field
 
 from ..errors import invalid
 from ..messages.checks import check_number, check_token_limit, shown
+from ..vision import images
 from .tools import CALL_TYPES, CLIENT_TOOLS, OUTPUT_TYPES, Offered, ToolNames, chat_function, history_call, \
     history_output, new_id
 
 ROLES = ("user", "assistant", "system", "developer")
 TEXT_PARTS = ("input_text", "output_text", "text", "summary_text")
-MEDIA_PARTS = ("input_image", "input_file", "input_audio")
+MEDIA_PARTS = ("input_file", "input_audio")
 SKIPPED_ITEMS = ("reasoning", "web_search_call", "file_search_call", "code_interpreter_call",
                  "image_generation_call", "mcp_list_tools")  # what only OpenAI's servers made or can read
 EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
@@ -82,9 +86,16 @@ def to_chat(body: dict, earlier: list[dict] = ()) -> ResponsesRequest:
             chat[key] = value
     if functions:
         chat["tools"] = functions
+        choice = _tool_choice(body.get("tool_choice"), functions)
+        if choice is not None:
+            chat["tool_choice"] = choice
+        if not flags["parallel_tool_calls"]:
+            chat["parallel_tool_calls"] = False
     reasoning = _reasoning(body.get("reasoning"))  # thinking when asked for, as on the Anthropic side
     chat["chat_template_kwargs"] = {"enable_thinking": reasoning["effort"] not in (None, "none", "minimal")}
-    _check_text(body.get("text"))
+    response_format = _response_format(body.get("text"))
+    if response_format is not None:
+        chat["response_format"] = response_format
     if body.get("truncation") not in (None, "disabled"):
         raise invalid("truncation: only \"disabled\" is supported: a prompt over the model's context window is "
                       "refused, never cut")
@@ -160,9 +171,16 @@ def _message_item(item: dict, where: str) -> dict:
 
 def _text_part(part, where: str) -> dict:
     kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "input_image":
+        if not isinstance(part.get("image_url"), str):
+            raise invalid(f"{where}.image_url: Field required (a data URL or an http(s) URL; file_id is not "
+                          f"supported here)")
+        if part.get("detail") not in (None, "auto", "low", "high"):
+            raise invalid(f"{where}.detail: Input should be 'auto', 'low' or 'high', got {shown(part.get('detail'))}")
+        return part
     if kind in MEDIA_PARTS:
-        raise invalid(f"{where}: {kind} content is not supported: the local model reads text only. Send the "
-                      f"content as text, or use a vision model.")
+        raise invalid(f"{where}: {kind} content is not supported: the local models read text and images. Send "
+                      f"the content as text.")
     if kind == "refusal" and isinstance(part.get("refusal"), str):
         return part
     if kind not in TEXT_PARTS:
@@ -173,6 +191,15 @@ def _text_part(part, where: str) -> dict:
     return part
 
 
+def _content(parts: list[dict], where: str):
+    """A message's text, or its text and image parts when it holds an image."""
+    if not any(p.get("type") == "input_image" for p in parts):
+        return "".join(p.get("text", p.get("refusal", "")) for p in parts)
+    return [images.part(p["image_url"], f"{where}.content.{j}", p.get("detail"))
+            if p.get("type") == "input_image" else {"type": "text", "text": p.get("text", p.get("refusal", ""))}
+            for j, p in enumerate(parts)]
+
+
 def _messages(instructions: str | None, items: list[dict], tools: ToolNames) -> list[dict]:
     out: list[dict] = []
     system = [instructions] if instructions else []
@@ -180,8 +207,10 @@ def _messages(instructions: str | None, items: list[dict], tools: ToolNames) -> 
         kind = item["type"]
         where = f"input.{i}"
         if kind == "message":
-            text = "".join(p.get("text", p.get("refusal", "")) for p in item["content"])
+            text = _content(item["content"], where)
             role = item["role"]
+            if not isinstance(text, str) and role != "user":
+                raise invalid(f"{where}.content: input_image goes in a user message")
             if role in ("system", "developer"):
                 if not out:  # still at the start: part of the system message
                     system.append(text)
@@ -246,7 +275,7 @@ def _function(tool, where: str, names: ToolNames, namespace: str | None = None) 
 
 
 def _chosen(choice, functions: list[dict], names: ToolNames) -> list[dict]:
-    """The functions `tool_choice` leaves the model ("required" cannot be forced: all stay)."""
+    """The functions `tool_choice` leaves the model (all of them for "required": `_tool_choice` holds it)."""
     if choice is None or choice in ("auto", "required"):
         return functions
     if choice == "none":
@@ -281,17 +310,34 @@ def _reasoning(given) -> dict:
     return {"effort": effort, "summary": given.get("summary", given.get("generate_summary"))}
 
 
-def _check_text(text) -> None:
+def _response_format(text) -> dict | None:
+    """`text.format` as the chat body's `response_format` (held by the model server)."""
     if text is None:
-        return
+        return None
     if not isinstance(text, dict):
         raise invalid("text: Input should be an object")
     given = text.get("format")
     kind = "text" if given is None else given.get("type") if isinstance(given, dict) else given
-    if kind != "text":
-        raise invalid(f"text.format: {shown(kind)} is not supported: structured output needs a model server that "
-                      f"constrains its output, and mlx_lm.server 0.32 cannot. Leave text.format out and "
-                      f"describe the format in the instructions.")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind == "json_schema":
+        if not isinstance(given.get("schema"), dict):
+            raise invalid("text.format.schema: Field required (the JSON Schema the answer follows)")
+        return {"type": "json_schema", "json_schema": {"name": given.get("name") or "output",
+                                                       "schema": given["schema"], "strict": True}}
+    raise invalid(f"text.format.type: Input should be 'text', 'json_object' or 'json_schema', got {shown(kind)}")
+
+
+def _tool_choice(choice, functions: list[dict]) -> str | dict | None:
+    """The chat body's `tool_choice`: "required", or the one function a named choice leaves."""
+    if choice == "required" or (isinstance(choice, dict) and choice.get("type") == "allowed_tools"
+                                and choice.get("mode") == "required"):
+        return "required"
+    if isinstance(choice, dict) and choice.get("type") in ("function", "custom", *CLIENT_TOOLS) and len(functions) == 1:
+        return {"type": "function", "function": {"name": functions[0]["function"]["name"]}}
+    return None
 
 
 def _metadata(given) -> dict:

@@ -102,6 +102,8 @@ def chat_function(name: str, tool: Offered, spec: dict) -> dict:
         function = {"name": name, "parameters": spec.get("parameters") or {"type": "object", "properties": {}}}
         if spec.get("description"):
             function["description"] = spec["description"]
+        if spec.get("strict") is True:  # its calls are held to its parameters
+            function["strict"] = True
     elif tool.kind == "custom":
         description = spec.get("description") or ""
         grammar = spec.get("format") if isinstance(spec.get("format"), dict) else {}

@@ -36,12 +36,12 @@ def pf_rule(forward: Forward) -> str:
 
 
 def pf_anchor(rules: list[Forward]) -> str:
-    return templates.text(templates.LAUNCHD / "mlxgate.pf.conf",
+    return templates.text("launchd/mlxgate.pf.conf",
                           {"@RULES@": "\n".join(pf_rule(f) for f in rules)})
 
 
 def pf_daemon(anchor_file: Path = ANCHOR_FILE, log: Path = PF_LOG) -> bytes:
-    return templates.plist("com.mlxgate.pf.plist", {"@ANCHOR@": str(anchor_file), "@LOG@": str(log)})
+    return templates.plist("launchd/com.mlxgate.pf.plist", {"@ANCHOR@": str(anchor_file), "@LOG@": str(log)})
 
 
 def nft_rule(forward: Forward) -> str:
@@ -49,12 +49,12 @@ def nft_rule(forward: Forward) -> str:
 
 
 def nft_ruleset(rules: list[Forward]) -> str:
-    return templates.text(templates.SYSTEMD / "mlxgate.nft",
+    return templates.text("systemd/mlxgate.nft",
                           {"@RULES@": "\n".join(f"\t\t{nft_rule(f)}" for f in rules)})
 
 
 def nft_unit(nft: str, rules_file: Path = NFT_FILE) -> str:
-    return templates.text(templates.SYSTEMD / "mlxgate-forward.service",
+    return templates.text("systemd/mlxgate-forward.service",
                           {"@NFT@": nft, "@RULES_FILE@": str(rules_file)})
 
 

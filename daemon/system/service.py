@@ -66,7 +66,7 @@ class Systemd:
         backoff = ("RestartSteps=5\nRestartMaxDelaySec=120" if self.version() >= 254 else
                    "# (RestartSteps/RestartMaxDelaySec need systemd 254: a fixed RestartSec here)")
         environment = "\n".join(f"Environment={_systemd_quote(f'{k}={v}')}" for k, v in sorted(env.items()))
-        return templates.text(templates.SYSTEMD / UNIT, {
+        return templates.text(f"systemd/{UNIT}", {
             "@EXEC_START@": " ".join(_systemd_quote(a) for a in argv), "@ROOT@": str(PROJECT_ROOT),
             "@ENVIRONMENT@": environment, "@BACKOFF@": backoff, "@LOG@": str(log)})
 
@@ -149,7 +149,7 @@ class Launchd:
         return f"gui/{self.uid}/{LABEL}"
 
     def render(self, flags: list[str], env: dict[str, str], log: Path) -> bytes:
-        return templates.plist(f"{LABEL}.plist", {"@MLXGATE@": mlxgate_command(), "@START_FLAGS@": flags,
+        return templates.plist(f"launchd/{LABEL}.plist", {"@MLXGATE@": mlxgate_command(), "@START_FLAGS@": flags,
                                                   "@ENVIRONMENT@": env, "@ROOT@": str(PROJECT_ROOT),
                                                   "@LOG@": str(log)})
 

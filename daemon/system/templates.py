@@ -1,4 +1,4 @@
-"""Fill the templates in launchd/ and systemd/ of the checkout.
+"""Fill the templates in launchd/ and systemd/ (the checkout's, or an installed package's copies).
 
 A plist template is itself a valid plist: it is parsed, each string `@NAME@` replaced
 (a list item whose value is a list is spliced in, a dict whose only key is a placeholder
@@ -10,10 +10,7 @@ from __future__ import annotations
 import plistlib
 import re
 
-from .. import PROJECT_ROOT
-
-LAUNCHD = PROJECT_ROOT / "launchd"
-SYSTEMD = PROJECT_ROOT / "systemd"
+from ..project_files import project_file
 
 
 def _fill(node, values: dict):
@@ -33,18 +30,21 @@ def _fill(node, values: dict):
 
 
 def plist(name: str, values: dict) -> bytes:
-    """The launchd template `name`, filled."""
-    template = plistlib.loads((LAUNCHD / name).read_bytes())
-    missing = sorted(set(re.findall(r"@\w+@", (LAUNCHD / name).read_text().split("<plist", 1)[1])) - set(values))
+    """The launchd template `name` (its path from the top of the tree), filled."""
+    path = project_file(name)
+    template = plistlib.loads(path.read_bytes())
+    missing = sorted(set(re.findall(r"@\w+@", path.read_text().split("<plist", 1)[1])) - set(values))
     if missing:
         raise KeyError(f"{name}: no value for {', '.join(missing)}")
     return plistlib.dumps(_fill(template, values))
 
 
-def text(path, values: dict) -> str:
-    """A text template (a systemd unit, the nftables rules, the pf anchor), filled."""
+def text(name: str, values: dict) -> str:
+    """A text template (a systemd unit, the nftables rules, the pf anchor), filled; `name` is its
+    path from the top of the tree, e.g. systemd/mlxgate.service."""
+    path = project_file(name)
     source = path.read_text()
     missing = sorted(set(re.findall(r"@\w+@", source)) - set(values))
     if missing:
-        raise KeyError(f"{path.name}: no value for {', '.join(missing)}")
+        raise KeyError(f"{name}: no value for {', '.join(missing)}")
     return re.sub(r"@\w+@", lambda m: values[m.group(0)], source)

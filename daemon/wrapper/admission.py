@@ -3,15 +3,16 @@
 Each request takes a `Ticket`, waits its turn (at most `max_parallel` tickets are
 active at once, granted in arrival order), and gives it back when done. When
 `max_queue` tickets are already waiting, `join` refuses at once (`Overloaded`), so
-a client never hangs on a full gateway. A model switch `drain`s: no new turns are
-granted, the active tickets may finish within a timeout, and those still running
-after it are cancelled with a reason the client is shown. Each active ticket
-records when its backend last sent something; the watchdog reads that. Several tickets
-run at once by default: the model server batches them.
+a client never hangs on a full gateway. An unload `drain`s: no new turns are granted,
+the active tickets may finish within a timeout, and those still running after it are
+cancelled with a reason the client is shown. Each active ticket
+records when its backend last sent something (status shows it). Several tickets run at
+once by default: the model server batches them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import time
@@ -70,19 +71,22 @@ class Admission:
         self._waiting: list[Ticket] = []
         self._active: list[Ticket] = []
         self._holds = 0
+        self._joined: set = set()  # every ticket not yet released: waiting, running or loading
         self._seq = itertools.count(1)
         self.served = 0
         self.refused = 0
+        self.last_used = clock()  # when a ticket last joined or was released
 
     def join(self, route: str, model: Any) -> Ticket:
         with self._cond:
             if len(self._waiting) >= self.max_queue:
                 self.refused += 1
-                raise Overloaded(f"the {self.name} model server is busy: {len(self._active)} request(s) "
-                                 f"running and {len(self._waiting)} waiting (max_queue {self.max_queue}). "
-                                 f"Retry shortly.")
+                raise Overloaded(f"model {self.name} is busy: {len(self._active)} request(s) running and "
+                                 f"{len(self._waiting)} waiting (max_queue {self.max_queue}). Retry shortly.")
             ticket = Ticket(next(self._seq), route, model, self.clock(), self.clock)
             self._waiting.append(ticket)
+            self._joined.add(ticket)
+            self.last_used = self.clock()
             self._grant()
             return ticket
 
@@ -99,6 +103,9 @@ class Admission:
                 self.served += 1
             elif ticket in self._waiting:
                 self._waiting.remove(ticket)
+            if ticket in self._joined:
+                self._joined.discard(ticket)
+                self.last_used = self.clock()
             self._grant()
             self._cond.notify_all()
 
@@ -147,17 +154,33 @@ class Admission:
             ticket.cancel(reason)
         return active
 
-    def quiet(self, after: float) -> bool:
-        """True when requests are running and none has received anything for `after` seconds
-        (several run at once in one model server: one that progresses shows it is alive)."""
-        now = self.clock()
+    @contextlib.contextmanager
+    def holding(self):
+        """Count as pending while the block runs (a load asked for by hand, not by a request)."""
+        place = object()
         with self._cond:
-            last = [t.last_progress for t in self._active if t.last_progress is not None]
-            return bool(last) and now - max(last) > after
+            self._joined.add(place)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._joined.discard(place)
+                self.last_used = self.clock()
+
+    def pending(self) -> int:
+        """Tickets not yet released (waiting, running, or out of line for a load)."""
+        with self._cond:
+            return len(self._joined)
+
+    def idle_for(self) -> float | None:
+        """Seconds since the last ticket was released; None while any is pending."""
+        with self._cond:
+            return None if self._joined else self.clock() - self.last_used
 
     def status(self) -> dict:
         with self._cond:
             return {"queued": len(self._waiting), "active": [t.describe() for t in self._active],
-                    "draining": self._holds > 0,
+                    "draining": self._holds > 0, "pending": len(self._joined),
+                    "idle_s": None if self._joined else round(self.clock() - self.last_used, 3),
                     "max_queue": self.max_queue, "max_parallel": self.max_parallel,
                     "served": self.served, "refused": self.refused}

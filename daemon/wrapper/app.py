@@ -1,5 +1,5 @@
 """The wrapper's HTTP API (Flask): the management routes (list, load, unload models) and
-the relay's routes (`/backends/...`, see `relay`).
+the relay's routes (`/relay/...`, see `relay`).
 
 Errors are shaped by the one table (`api_errors`): the relay's Anthropic routes in
 Anthropic's shape, everything else in OpenAI's ``{"error": {"message", "type", "code"}}``.
@@ -17,7 +17,7 @@ from werkzeug.exceptions import HTTPException
 from ..api_errors import OPENAI, error_response, exception_response
 from ..errors import MlxgateError, invalid
 from ..json_body import parse_object
-from ..relay_protocol import STORED_RESPONSES
+from ..relay_protocol import RELAY_PREFIX, STORED_RESPONSES
 from ..usage import Record
 from . import access
 from .exchange import Call
@@ -28,7 +28,7 @@ from .relay import Relay, api_of
 
 log = logging.getLogger("mlxgate.wrapper")
 
-MANAGEMENT_BODY = 64 * 1024  # /models/...; the relay (/backends/...) takes up to max_body
+MANAGEMENT_BODY = 64 * 1024  # /models/...; the relay (/relay/...) takes up to max_body
 RECORDS_BODY = 4 * 1024 * 1024  # /usage/records: a batch from a proxy program
 HTTP_KINDS = {401: "authentication", 404: "not_found", 405: "invalid_request", 413: "request_too_large"}
 
@@ -50,7 +50,7 @@ def create_app(fleet: Fleet, relay: Relay, api_key: str | None = None, metrics: 
     @app.before_request
     def small_management_bodies():
         limit = RECORDS_BODY if request.path == "/usage/records" else MANAGEMENT_BODY
-        if not request.path.startswith("/backends/") and (request.content_length or 0) > limit:
+        if not request.path.startswith(RELAY_PREFIX + "/") and (request.content_length or 0) > limit:
             return _reply(*error_response(OPENAI, "request_too_large",
                                           f"a management request body is limited to {limit} bytes"))
         return None
@@ -66,33 +66,32 @@ def create_app(fleet: Fleet, relay: Relay, api_key: str | None = None, metrics: 
         except ValueError as exc:
             raise invalid(f"{exc}, e.g. {{\"model\": \"tiny-a\"}}") from None
 
-    def role_of(data: dict) -> str:
-        role = data.get("server", "dynamic")
-        if role not in fleet.servers:
-            raise invalid(f"server must be one of {sorted(fleet.servers)}, got {role!r}")
-        return role
-
-    @app.get("/health")
-    def health():
-        return jsonify({"status": "ok",
-                        "servers": {r: s.state.value for r, s in fleet.servers.items()}})
-
-    @app.get("/models")
-    def models():
-        return jsonify({"models": fleet.models(), "servers": fleet.status()})
-
-    @app.post("/models/load")
-    def load():
-        data = body()
+    def model_of(data: dict) -> str:
+        """The one field of a load or unload: `model` (there are no fixed servers to name)."""
+        extra = sorted(set(data) - {"model"})
+        if extra:
+            raise invalid(f"{extra[0]}: unknown field; send only `model` (each model has its own server in "
+                          f"the resident set)")
         name = data.get("model")
         if not isinstance(name, str) or not name.strip():
             raise invalid("`model` is required: the name of a model from GET /models")
-        return jsonify(fleet.load(name, role_of(data)))
+        return name.strip()
+
+    @app.get("/health")
+    def health():
+        return jsonify({"status": "ok", "servers": {s.model.name: s.state.value for s in fleet.servers}})
+
+    @app.get("/models")
+    def models():
+        return jsonify({"models": fleet.models(), "servers": fleet.status(), "memory": fleet.memory()})
+
+    @app.post("/models/load")
+    def load():
+        return jsonify(fleet.load(model_of(body())))
 
     @app.post("/models/unload")
     def unload():
-        data = body() if request.content_length else {}
-        return jsonify(fleet.unload(role_of(data)))
+        return jsonify(fleet.unload(model_of(body())))
 
     def relay_route(**_) -> Response:
         """The relay's routes on this port (its doors answer them without Flask, see `doors`)."""
@@ -102,7 +101,7 @@ def create_app(fleet: Fleet, relay: Relay, api_key: str | None = None, metrics: 
             abort(404)
         return Response(answer.body, status=answer.status, headers=answer.headers)
 
-    app.add_url_rule("/backends/<path:rest>", "relay", relay_route, methods=["POST"])
+    app.add_url_rule(f"{RELAY_PREFIX}/<path:rest>", "relay", relay_route, methods=["POST"])
     app.add_url_rule(f"{STORED_RESPONSES}/<path:rest>", "stored_responses", relay_route, methods=["GET", "DELETE"])
 
     @app.get("/metrics")
@@ -125,7 +124,7 @@ def create_app(fleet: Fleet, relay: Relay, api_key: str | None = None, metrics: 
     def status_page_data():
         """What the status page shows: the servers, and the recorder's recent requests and last hour."""
         usage = recorder.snapshot() if recorder is not None else {}
-        return jsonify({"servers": fleet.status(), **usage})
+        return jsonify({"servers": fleet.status(), "memory": fleet.memory(), **usage})
 
     @app.errorhandler(MlxgateError)
     def refused(exc: MlxgateError):

@@ -39,7 +39,8 @@ def launcher(settings: dict):
     extra = ["--pipeline"] if settings.get("pipeline") else []
 
     @functools.wraps(process.launch)
-    def launch(model_path: Path, port: int, log_path: Path, extra_args: Sequence[str] = ()) -> process.ServerProcess:
+    def launch(model_path: Path, port: int, log_path: Path, extra_args: Sequence[str] = (),
+               **_) -> process.ServerProcess:  # a chat model's group: its own entry
         return process.launch(model_path, port, log_path, [*extra, *extra_args], entry=entry)
     return launch
 

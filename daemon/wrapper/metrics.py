@@ -1,6 +1,6 @@
 """The gateway's Prometheus metrics. The wrapper is their one owner: the relay records the
 requests local models answer, the proxy programs send theirs (see `usage`), the model
-servers report loads, switches and restarts here. `GET /metrics` on any proxy listener (key
+servers report loads, evictions and restarts here. `GET /metrics` on any proxy listener (key
 required) shows them, whichever listener serves the scrape.
 
 Names follow Prometheus' conventions: counters end in `_total`, durations are `_seconds`,
@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from ..usage import Record
 
@@ -43,19 +43,16 @@ class Metrics:
         self.rate = Histogram("mlxgate_output_tokens_per_second", "Generation speed of each answer",
                               ["model"], buckets=RATE_BUCKETS, registry=r)
         self.queue_wait = Histogram("mlxgate_queue_wait_seconds", "Time a request waited for its turn (and its "
-                                    "model's load)", ["server"], buckets=LATENCY_BUCKETS, registry=r)
+                                    "model's load)", ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.cancellations = Counter("mlxgate_cancellations", "Requests whose client left before the end",
                                      ["api"], registry=r)
-        self.loads = Counter("mlxgate_model_loads", "Model loads, by server and outcome", ["server", "outcome"],
+        self.loads = Counter("mlxgate_model_loads", "Model loads, by model and outcome", ["model", "outcome"],
                              registry=r)
         self.load_time = Histogram("mlxgate_model_load_duration_seconds", "Time a model load took",
-                                   ["server"], buckets=LATENCY_BUCKETS, registry=r)
-        self.switches = Counter("mlxgate_model_switches", "Loads that replaced another model", ["server"],
-                                registry=r)
-        self.switch_time = Histogram("mlxgate_model_switch_duration_seconds", "Time a switch took: waiting for "
-                                     "the running requests (drain), then the load", ["server"],
-                                     buckets=LATENCY_BUCKETS, registry=r)
-        self.restarts = Counter("mlxgate_watchdog_restarts", "Model servers the watchdog replaced", ["server"],
+                                   ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.evictions = Counter("mlxgate_model_evictions", "Models unloaded, by reason: budget (room for "
+                                 "another), idle (keep_alive), unload (asked)", ["model", "reason"], registry=r)
+        self.restarts = Counter("mlxgate_watchdog_restarts", "Model servers the watchdog replaced", ["model"],
                                 registry=r)
         self.dropped = Counter("mlxgate_usage_records_dropped", "Request records lost before the ledger (a full "
                                "queue, or a proxy that could not reach the wrapper)", registry=r)
@@ -85,53 +82,76 @@ class Metrics:
         speed = rec.tokens_per_second
         if speed is not None:
             self.rate.labels(model).observe(speed)
-        if rec.queue_ms is not None and rec.server:
-            self.queue_wait.labels(rec.server).observe(rec.queue_ms / 1000)
+        if rec.queue_ms is not None and rec.server == "local":
+            self.queue_wait.labels(model).observe(rec.queue_ms / 1000)
 
-    def load(self, server: str, seconds: float | None, ok: bool, switch: bool) -> None:
-        self.loads.labels(server, "ok" if ok else "failed").inc()
+    def load(self, model: str, seconds: float | None, ok: bool) -> None:
+        self.loads.labels(model, "ok" if ok else "failed").inc()
         if seconds is not None:
-            self.load_time.labels(server).observe(seconds)
-        if switch and ok:
-            self.switches.labels(server).inc()
+            self.load_time.labels(model).observe(seconds)
 
-    def switched(self, server: str, seconds: float) -> None:
-        self.switch_time.labels(server).observe(seconds)
+    def evicted(self, model: str, reason: str) -> None:
+        self.evictions.labels(model, reason).inc()
 
-    def restart(self, server: str) -> None:
-        self.restarts.labels(server).inc()
+    def restart(self, model: str) -> None:
+        self.restarts.labels(model).inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
 
 class _FleetCollector:
-    """What is true at scrape time: queues, requests in flight, model server memory."""
+    """What is true at scrape time: the resident set, its memory and the budget, the queues."""
 
     def __init__(self, fleet: "Fleet"):
         self.fleet = fleet
 
     def collect(self):
-        import psutil
+        from .memory import process_tree_rss
 
-        depth = GaugeMetricFamily("mlxgate_queue_depth", "Requests waiting for their turn", labels=["server"])
-        flight = GaugeMetricFamily("mlxgate_requests_in_flight", "Requests a model server works on now",
-                                   labels=["server"])
-        loaded = GaugeMetricFamily("mlxgate_model_loaded", "1 when the server serves this model", labels=["server",
-                                                                                                        "model"])
+        depth = GaugeMetricFamily("mlxgate_queue_depth", "Requests waiting for their turn", labels=["model"])
+        flight = GaugeMetricFamily("mlxgate_requests_in_flight", "Requests a model's server works on now",
+                                   labels=["model"])
+        loaded = GaugeMetricFamily("mlxgate_model_loaded", "1 while the model is loaded (ready)", labels=["model"])
+        cost = GaugeMetricFamily("mlxgate_model_cost_bytes", "What a resident model holds in the memory budget",
+                                 labels=["model"])
         memory = GaugeMetricFamily("mlxgate_model_server_resident_memory_bytes", "Resident memory of each model "
-                                   "server process", labels=["server", "model"])
-        for role, server in self.fleet.servers.items():
+                                   "server process", labels=["model"])
+        budget = GaugeMetricFamily("mlxgate_memory_budget_bytes", "The memory budget of the resident set")
+        used = GaugeMetricFamily("mlxgate_memory_reserved_bytes", "What the resident models hold of the budget")
+        hits = CounterMetricFamily("mlxgate_prompt_cache_hits", "Requests whose prompt began with a cached prefix, "
+                                   "by model and tier (memory; disk: read back instead of prefilled); since the "
+                                   "model's server started", labels=["model", "tier"])
+        saved = CounterMetricFamily("mlxgate_prompt_cache_tokens", "Prompt tokens read from the prompt cache "
+                                    "instead of prefilled, by model and tier", labels=["model", "tier"])
+        disk = GaugeMetricFamily("mlxgate_prompt_disk_bytes", "What the prompt caches hold on disk (all models)")
+        state = self.fleet.memory()
+        budget.add_metric([], state["budget"])
+        used.add_metric([], state["used"])
+        reports = {s: _fresh_report(s) for s in self.fleet.servers if s.ready()}
+        on_disk = [r.get("prompt_disk_bytes") for r in reports.values()]
+        if any(b is not None for b in on_disk):
+            disk.add_metric([], max(b for b in on_disk if b is not None))
+        for server in self.fleet.servers:
+            name = server.model.name
             queue = server.admission.status()
-            depth.add_metric([role], queue["queued"])
-            flight.add_metric([role], len(queue["active"]))
-            model = server.serving()
-            if model is not None:
-                loaded.add_metric([role, model.name], 1)
+            depth.add_metric([name], queue["queued"])
+            flight.add_metric([name], len(queue["active"]))
+            loaded.add_metric([name], 1 if server.ready() else 0)
+            cost.add_metric([name], server.cost)
             process = server.process
             if process is not None and process.alive():
-                try:
-                    memory.add_metric([role, model.name if model else "-"], psutil.Process(process.pid).memory_info().rss)
-                except psutil.Error:
-                    pass
-        yield from (depth, flight, loaded, memory)
+                memory.add_metric([name], process_tree_rss(process.pid))
+            report = reports.get(server, {})
+            for tier in ("memory", "disk"):
+                if tier in (report.get("prompt_cache_hits") or {}):
+                    hits.add_metric([name, tier], report["prompt_cache_hits"][tier])
+                    saved.add_metric([name, tier], report["prompt_cache_tokens"][tier])
+        yield from (depth, flight, loaded, cost, memory, budget, used, hits, saved, disk)
+
+
+def _fresh_report(server) -> dict:
+    """What the model server says of itself now (its prompt cache counters), else its last look."""
+    process = server.process
+    report = process.alive_report(1.0) if process is not None else None
+    return report or server.last_report

@@ -26,6 +26,29 @@ of batch steps: a request that arrives while others generate waits up to 0.5 s b
 joins their batch, and a lone first request runs alone that long, so clients that arrive a
 few milliseconds apart are not batched (8 clients × 256 tokens: ~1,950 tokens/s instead of
 ~2,750). `join_batch_sooner` makes it look every `JOIN_EVERY` seconds.
+
+`mlx_lm.server` builds its prompt cache with an entry count only (10 prompts of any size)
+and applies `--prompt-cache-bytes` only on its batched path; `bound_prompt_cache` builds
+it with the byte bound, which every insert enforces on both paths, and bounds MLX's pool
+of freed buffers too, so the server's memory stays within what the resident set counts
+for it.
+
+`batch_loop` takes work off each generated token of the batched loop (a logprob read that
+waited for the next step, a thread hand-off per token, a socket write per token).
+
+`constraints` holds answers to a JSON Schema, any JSON object, or valid tool calls
+(`response_format`, strict tools, `tool_choice`), masking what a grammar does not allow.
+
+With `--prompt-disk ROOT` (the wrapper passes it unless `prompt_cache_disk` is 0) the prompt
+cache gets a disk tier (`mlxgate.prompt_disk`): long prefixes that leave memory, and long-lived
+ones while serving, are written under ROOT off the request's way and read back instead of
+prefilled, also after a restart; what is pending is written at SIGTERM and when the wrapper
+goes.
+
+`report_liveness` answers `GET /mlxgate/alive` (secret required) with how long ago the
+generation loop last went round, whether its thread lives, and the memory MLX and the
+prompt cache hold: the watchdog asks it every few seconds, busy or idle, so a wedged
+server is found without a request waiting on it.
 """
 
 import hmac
@@ -40,6 +63,8 @@ from typing import Callable
 from mlxgate.net import peer_closed
 
 CHECK_EVERY = 0.25
+ALIVE_PATH = "/mlxgate/alive"
+BUFFER_POOL_SHARE = 0.25  # MLX's pool of freed buffers may hold this share of the prompt cache bound
 JOIN_EVERY = 0.02  # seconds of batch steps between looks for new requests (mlx_lm.server: 0.5)
 DEFAULT = "default_model"  # mlx_lm.server's name for the model given on its command line
 
@@ -155,16 +180,125 @@ def join_batch_sooner(server) -> None:
     budget.__init__ = __init__
 
 
+def bound_prompt_cache(server, max_bytes: int | None) -> None:
+    """Build the server's prompt cache with `max_bytes` as well as its entry count, and keep
+    MLX's pool of freed buffers to a share of it (evicted caches return there, not to the
+    system)."""
+    if max_bytes is None:
+        return
+    import mlx.core as mx
+
+    base = server.LRUPromptCache
+
+    class BoundedPromptCache(base):
+        def __init__(self, max_size: int = 10, *_, **__):
+            super().__init__(max_size, max_bytes)
+
+    server.LRUPromptCache = BoundedPromptCache
+    mx.set_cache_limit(int(max_bytes * BUFFER_POOL_SHARE))
+
+
+def report_liveness(server, more: Callable[[], dict] = dict) -> None:
+    """The generation loop's heartbeat (each look for a request, each token of the
+    sequential path) and `GET /mlxgate/alive`, which reports it (with what `more` adds)."""
+    import mlx.core as mx
+
+    beat = [time.monotonic()]
+    generator = server.ResponseGenerator
+    next_request, stream = generator._next_request, server.stream_generate
+
+    def _next_request(self, timeout=None):
+        beat[0] = time.monotonic()
+        return next_request(self, timeout)
+
+    def stream_generate(*args, **kwargs):
+        for item in stream(*args, **kwargs):
+            beat[0] = time.monotonic()
+            yield item
+
+    generator._next_request, server.stream_generate = _next_request, stream_generate
+    handler = server.APIHandler
+    original_get = handler.do_GET
+
+    def do_GET(self):
+        if self.path != ALIVE_PATH:
+            return original_get(self)
+        responses = self.response_generator
+        cache = getattr(responses, "prompt_cache", None)
+        body = json.dumps({
+            "generation": responses.generation_available(), "idle_s": round(time.monotonic() - beat[0], 3),
+            "mlx_active": mx.get_active_memory(), "mlx_cache": mx.get_cache_memory(),
+            "mlx_peak": mx.get_peak_memory(),
+            "prompt_cache_bytes": getattr(cache, "nbytes", 0), "prompt_cache_entries": len(cache) if cache else 0,
+            **more(),
+        }).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    handler.do_GET = do_GET
+
+
+def _option(argv: list[str], name: str) -> str | None:
+    """The value of `--name VALUE` or `--name=VALUE` in `argv`."""
+    for index, arg in enumerate(argv):
+        if arg == name and index + 1 < len(argv):
+            return argv[index + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _take_option(argv: list[str], name: str) -> str | None:
+    """`_option`, and the option taken out of `argv` (one of ours, which mlx_lm.server does not know)."""
+    value = _option(argv, name)
+    for index, arg in enumerate(list(argv)):
+        if arg == name:
+            del argv[index:index + 2]
+            break
+        if arg.startswith(name + "="):
+            del argv[index]
+            break
+    return value
+
+
 def main() -> None:
     secret = read_secret()
-    on_parent_exit(_die)
+    argv = sys.argv[1:]
+    disk_root = _take_option(argv, "--prompt-disk")
+    disk_bytes = _take_option(argv, "--prompt-disk-bytes")
+    disk_name = _take_option(argv, "--prompt-disk-name")
+    from mlxgate.prompt_disk import serve as prompt_disk
+
+    def leave(*_) -> None:
+        prompt_disk.flush()  # what is pending reaches the disk before the process goes
+        _die()
+    on_parent_exit(leave)
     import mlx_lm.server as server
 
     stop_when_client_goes(server)
     join_batch_sooner(server)
+    if server.mx.distributed.init().size() == 1:  # a group's ranks share each step: keep mlx_lm's own loop
+        from mlxgate.wrapper import batch_loop
+        batch_loop.apply(server)
+    from mlxgate.constraints import serve as constraints
+    constraints.install(server)
+    cache_bytes = _option(argv, "--prompt-cache-bytes")
+    max_bytes = server._parse_size(cache_bytes) if cache_bytes else None
+    if disk_root:
+        prompt_disk.install(server, disk_root, max_bytes=max_bytes, model_name=disk_name,
+                            **({"max_disk_bytes": int(disk_bytes)} if disk_bytes else {}))
+    bound_prompt_cache(server, max_bytes)
+    signal.signal(signal.SIGTERM, leave)
+    report_liveness(server, prompt_disk.disk_stats)
     admit_only_the_relay(server, secret)  # outermost: nothing runs for a request without the secret
-    sys.argv = ["mlx_lm.server", *sys.argv[1:]]
-    server.main()
+    sys.argv = ["mlx_lm.server", *argv]
+    try:
+        server.main()
+    finally:
+        prompt_disk.close()
 
 
 if __name__ == "__main__":

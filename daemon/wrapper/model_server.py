@@ -1,4 +1,4 @@
-"""One model server (dynamic or autocomplete) as an explicit state machine.
+"""The server of one resident model as an explicit state machine.
 
 States and the only transitions allowed between them::
 
@@ -7,10 +7,12 @@ States and the only transitions allowed between them::
                    ▼  │         ▼
                   failed ◄──────┘   (process died or load failed)
 
-Every change goes through `_transition`, which checks the table, records the change
-and wakes waiters. Loads are serialized by one lock: callers asking for the model
-that is loading wait for that load and share its result; a caller asking for another
-model waits its turn. A failed load restores the model that was serving before.
+A server serves one model for its whole life (`model_process` refuses any other). Every
+change goes through `_transition`, which checks the table and records the change; a
+server that stops or fails holds no memory in the budget any more (`cost` 0). Loads are
+serialized by one lock: callers asking while a load runs wait for it and share its
+result. Before a load, `ensure` asks the resident set for room (`reserve`), which may
+evict idle models, wait for busy ones, or refuse at once.
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ from typing import Callable, Sequence
 
 from ..catalog import LocalModel, verify_model_folder
 from ..errors import ModelLoadFailed
-from ..net import port_in_use
+from ..net import free_port, port_in_use
 from . import process as processes
+from ..model_kinds import CHAT
 from .admission import Admission
+from .kinds import SERVING, Serving
 from .readiness import wait_until_ready
 
 log = logging.getLogger("mlxgate.wrapper")
@@ -48,6 +52,8 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     State.STOPPING: frozenset({State.STOPPED}),
     State.FAILED: frozenset({State.STARTING, State.STOPPED}),
 }
+HOLDS_MEMORY = (State.STARTING, State.READY, State.STOPPING)
+EXIT_GRACE = 4.0  # seconds a model server has at the wrapper's exit (its disk tier writes in 3)
 
 
 class IllegalTransition(RuntimeError):
@@ -67,28 +73,43 @@ class Launcher:
 @dataclass
 class _Status:
     state: State = State.STOPPED
-    model: LocalModel | None = None
     process: processes.ServerProcess | None = None
+    port: int | None = None
     error: str | None = None
     loads: int = 0
     load_seconds: float | None = None
     changed: float = field(default_factory=time.time)
+    stopped_because: str | None = None
 
 
 class ModelServer:
-    """A `mlx_lm.server` on a fixed port that serves one model at a time."""
+    """A `mlx_lm.server` that serves `model`, on the seat's port or one chosen at each start."""
 
-    def __init__(self, role: str, port: int, launcher: Launcher, load_timeout: float,
-                 clock: Callable[[], float] = time.monotonic, admission: Admission | None = None,
-                 drain_timeout: float = 120.0, observer=None):
-        self.role = role
-        self.observer = observer  # told of loads and restarts (`Metrics`), when given
-        self.port = port
+    def __init__(self, model: LocalModel, launcher: Launcher, load_timeout: float, *,
+                 serving: Serving = SERVING[CHAT], kind: str = CHAT,
+                 port: int | None = None, name: str | None = None, pinned: bool = False,
+                 keep_alive: float = -1, server_args: Sequence[str] = (), admission: Admission | None = None,
+                 drain_timeout: float = 120.0, observer=None, avoid_ports: frozenset[int] = frozenset(), clock: Callable[[], float] = time.monotonic):
+        self.model = model
+        self.kind, self.serving = kind, serving  # what the folder holds, and how its kind is served
+        self.name = name or model.name  # a seat's name ("dynamic", "autocomplete"), else the model's
+        self.seat_port = port
+        self.pinned = pinned
+        self.keep_alive = keep_alive
+        self.server_args = tuple(server_args)
         self.launcher = launcher
         self.load_timeout = load_timeout
         self.clock = clock
-        self.admission = admission or Admission(role)
+        self.admission = admission or Admission(model.name)
         self.drain_timeout = drain_timeout
+        self.observer = observer  # told of loads and restarts (`Metrics`), when given
+        self.avoid_ports = avoid_ports  # the config's own ports: a chosen port is never one
+        self.cost = 0              # bytes it holds in the budget while it holds memory
+        self.allowance = 0         # of which its prompt cache may use this much
+        self.waiting_for: str | None = None  # what its load waits for (room in the budget)
+        self.crashed: float | None = None    # when its process died on its own while it served
+        self.last_crash_restart = float("-inf")
+        self.last_report: dict = {}          # the process's last `GET /mlxgate/alive` answer (the watchdog's)
         self._status = _Status()
         self._lock = threading.Lock()        # guards _status
         self._turn = threading.Lock()        # one load or stop at a time
@@ -99,16 +120,22 @@ class ModelServer:
         with self._lock:
             current = self._status.state
             if expected is not None and current is not expected:
-                raise IllegalTransition(f"{self.role}: expected {current.value} to be {expected.value}")
+                raise IllegalTransition(f"{self.name}: expected {current.value} to be {expected.value}")
             if to not in TRANSITIONS[current]:
-                raise IllegalTransition(f"{self.role}: {current.value} -> {to.value} is not allowed")
+                raise IllegalTransition(f"{self.name}: {current.value} -> {to.value} is not allowed")
             for key, value in changes.items():
                 setattr(self._status, key, value)
             self._status.state = to
             self._status.changed = time.time()
-        model = self._status.model.name if self._status.model else "-"
         detail = f" ({self._status.error})" if to is State.FAILED and self._status.error else ""
-        log.info("%s server: %s -> %s [%s]%s", self.role, current.value, to.value, model, detail)
+        log.info("%s: %s -> %s%s", self.label, current.value, to.value, detail)
+        if to not in HOLDS_MEMORY:
+            self.cost = 0
+
+    @property
+    def label(self) -> str:
+        """How logs and messages call this server."""
+        return self.model.name if self.name == self.model.name else f"{self.model.name} ({self.name} server)"
 
     @property
     def process(self):
@@ -116,155 +143,160 @@ class ModelServer:
         return self._status.process
 
     @property
+    def port(self) -> int | None:
+        return self._status.port or self.seat_port
+
+    @property
     def state(self) -> State:
         return self._status.state
 
-    def serving(self) -> LocalModel | None:
-        """The model this server answers with now (None unless it is ready)."""
+    def ready(self) -> bool:
         with self._lock:
             s = self._status
-            return s.model if s.state is State.READY else None
+            return s.state is State.READY and s.process is not None and s.process.alive()
 
     def status(self) -> dict:
         with self._lock:
             s = self._status
+            queue = self.admission.status()
             return {
-                "role": self.role,
+                "name": self.name,
+                "model": self.model.name,
+                "kind": self.kind,
+                "path": str(self.model.path),
                 "port": self.port,
                 "state": s.state.value,
-                "model": s.model.name if s.model else None,
-                "path": str(s.model.path) if s.model else None,
                 "pid": s.process.pid if s.process and s.process.alive() else None,
                 "error": s.error,
                 "loads": s.loads,
                 "load_seconds": s.load_seconds,
                 "since": s.changed,
-                "queue": self.admission.status(),
+                "pinned": self.pinned,
+                "keep_alive": self.keep_alive,
+                "cost_bytes": self.cost,
+                "prompt_cache_bytes": self.allowance,
+                "waiting_for": self.waiting_for,
+                "stopped_because": s.stopped_because,
+                "prompt_cache": {k: v for k, v in self.last_report.items() if k.startswith("prompt_")},
+                "queue": queue,
             }
 
     # ------------------------------------------------------------------ actions
-    def ensure(self, model: LocalModel) -> dict:
-        """Make `model` the one this server serves; block until it answers.
+    def ensure(self, reserve: Callable[["ModelServer"], None] = lambda server: None) -> dict:
+        """Start this model's server unless it is ready; block until it answers.
 
-        Raises `ModelLoadFailed` (or `ModelLoadTimeout`); the model that served
-        before is then serving again.
+        `reserve` makes room for it in the budget first (it may wait, or raise). Raises
+        `ModelLoadFailed` (or `ModelLoadTimeout`) when it cannot serve.
         """
         with self._turn:
-            with self._lock:
-                current = self._status
-                serving = current.state is State.READY and current.process.alive()
-                previous = current.model if current.state is State.READY else None
-            if serving and previous == model:
+            if self.ready():
                 return self.status()
             try:
-                verify_model_folder(model.path)
+                verify_model_folder(self.model.path)
             except (ValueError, OSError) as exc:
-                kept = f"{previous.name!r} is still serving" if previous else None
-                raise ModelLoadFailed(self._failure(model, str(exc), kept)) from None
-            switching = self.clock()
-            self._drain(f"the {self.role} server switched from {previous.name!r} to {model.name!r} "
-                        f"after waiting {self.drain_timeout:g} s (drain_timeout) for this request"
-                        if previous else "")
+                raise ModelLoadFailed(self._failure(str(exc))) from None
+            self._stop_process()
+            if self.state is State.FAILED:
+                self._transition(State.STOPPED)
+            reserve(self)  # sets `cost`; the state it leaves is STOPPED until the launch
             try:
-                self._stop_process()
-                self._start(model, switch=previous is not None)
-                if previous is not None and self.observer is not None:
-                    self.observer.switched(self.role, self.clock() - switching)
+                self._start()
             except ModelLoadFailed as exc:
-                note = None
-                if previous is not None:
-                    try:
-                        self._start(previous)
-                        note = f"{previous.name!r} is serving again"
-                    except ModelLoadFailed as again:
-                        log.error("%s server: could not restore %s: %s", self.role, previous.name, again)
-                        note = (f"{previous.name!r} could not be restored; see "
-                                f"`mlxgate logs {self._log_path().stem}`")
-                raise ModelLoadFailed(self._failure(model, str(exc), note)) from None
-            finally:
-                self.admission.resume()
+                raise ModelLoadFailed(self._failure(str(exc))) from None
             return self.status()
 
     def restart(self, reason: str) -> None:
         """Kill the process (it may be stopped or hung) and start the same model again.
         Requests it held end with `reason`; waiting ones are served afterwards."""
         with self._lock:
-            model, proc = self._status.model, self._status.process
-        log.warning("%s server: restarting %s: %s", self.role, model.name if model else "-", reason)
+            proc = self._status.process
+        log.warning("%s: restarting: %s", self.label, reason)
         if self.observer is not None:
-            self.observer.restart(self.role)
+            self.observer.restart(self.model.name)
         self.admission.cancel_active(reason)
         if proc is not None:
             proc.kill()
         with self._turn:
+            cost = self.cost
             self._stop_process()
             if self.state is State.FAILED:
                 self._transition(State.STOPPED)
-            if model is not None and not self._closing:
-                self._start(model)
+            if not self._closing:
+                self.cost = cost  # the same model again: the same room
+                self._start()
 
-    def stop(self) -> dict:
-        """Stop the server process (after its requests, up to drain_timeout); it is `stopped` afterwards."""
+    def stop(self, reason: str = "") -> dict:
+        """Stop the server process (after its requests, up to drain_timeout); `stopped` after."""
         with self._turn:
-            self._drain(f"the {self.role} server was stopped after waiting {self.drain_timeout:g} s "
-                        f"(drain_timeout) for this request")
+            self._drain(f"{self.model.name} was unloaded ({reason or 'asked'}) after waiting "
+                        f"{self.drain_timeout:g} s (drain_timeout) for this request")
             try:
-                self._stop_process()
+                self._stop_process(reason)
             finally:
                 self.admission.resume()
             if self.state is State.FAILED:
-                self._transition(State.STOPPED)
+                self._transition(State.STOPPED, stopped_because=reason or None)
             return self.status()
 
-    def kill_now(self) -> None:
-        """Stop the process without waiting for a load in progress (wrapper exit)."""
+    def kill_now(self, wait: bool = True) -> None:
+        """Stop the process without waiting for a load in progress (wrapper exit): SIGTERM, and
+        with `wait`, SIGKILL after the few seconds it has to write what is pending."""
         self._closing = True
         proc = self._status.process
         if proc is not None:
-            proc.stop(grace=2.0)
+            proc.stop(grace=EXIT_GRACE) if wait else proc.terminate()
 
     # ------------------------------------------------------------------ internals
     def _drain(self, reason: str) -> None:
         """Let the requests in progress finish (new ones wait); end those left after the timeout."""
         left = self.admission.drain(self.drain_timeout, reason)
         if left:
-            log.warning("%s server: %d request(s) still running after %g s; ending them",
-                        self.role, len(left), self.drain_timeout)
+            log.warning("%s: %d request(s) still running after %g s; ending them",
+                        self.label, len(left), self.drain_timeout)
 
-    def _failure(self, model: LocalModel, reason: str, note: str | None) -> str:
-        reason = reason.replace(str(model.path), model.name)  # clients see names, not this machine's paths
-        message = f"model {model.name!r} failed to load on the {self.role} server: {reason}"
-        return f"{message}. {note}" if note else message
+    def _failure(self, reason: str) -> str:
+        reason = reason.replace(str(self.model.path), self.model.name)  # clients see names, not paths
+        return f"model {self.model.name!r} failed to load: {reason}"
 
     def _log_path(self) -> Path:
-        return self.launcher.log_dir / f"{self.role}-server.log"
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.name)
+        return self.launcher.log_dir / f"{safe}-server.log"
 
-    def _start(self, model: LocalModel, switch: bool = False) -> None:
+    def _choose_port(self) -> int:
+        if self.seat_port is not None:
+            return self.seat_port
+        while True:
+            port = free_port()
+            if port not in self.avoid_ports:
+                return port
+
+    def _start(self) -> None:
         try:
-            seconds = self._launch(model)
+            seconds = self._launch()
         except ModelLoadFailed:
             if self.observer is not None:
-                self.observer.load(self.role, None, ok=False, switch=switch)
+                self.observer.load(self.model.name, None, ok=False)
             raise
         if self.observer is not None:
-            self.observer.load(self.role, seconds, ok=True, switch=switch)
+            self.observer.load(self.model.name, seconds, ok=True)
 
-    def _launch(self, model: LocalModel) -> float:
-        """Start the process for `model` and wait until it answers; the seconds it took."""
-        if port_in_use(self.port):
-            self._transition(State.STARTING, model=model, process=None, error=None)
-            reason = (f"port {self.port} is already in use by another process; stop it or choose "
-                      f"another {self.role}_port")
+    def _launch(self) -> float:
+        """Start the process and wait until it answers; the seconds it took."""
+        port = self._choose_port()
+        if port_in_use(port):
+            self._transition(State.STARTING, process=None, port=port, error=None)
+            reason = (f"port {port} is already in use by another process; stop it or choose another "
+                      f"{self.name}_port")
             self._transition(State.FAILED, error=reason)
             raise ModelLoadFailed(reason)
         started = self.clock()
-        proc = self.launcher.launch(model.path, self.port, self._log_path(), self.launcher.extra_args)
-        self._transition(State.STARTING, model=model, process=proc, error=None,
+        extra = [*self.launcher.extra_args, *self.server_args] if self.serving.prompt_cache else self.server_args
+        proc = self.launcher.launch(self.model.path, port, self._log_path(), extra, entry=self.serving.entry)
+        self._transition(State.STARTING, process=proc, port=port, error=None, stopped_because=None,
                          loads=self._status.loads + 1, load_seconds=None)
-        threading.Thread(target=self._watch, args=(proc,), name=f"watch-{self.role}-{proc.pid}",
-                         daemon=True).start()
+        threading.Thread(target=self._watch, args=(proc,), name=f"watch-{proc.pid}", daemon=True).start()
         try:
-            self.launcher.probe(proc, self.port, self.load_timeout, clock=self.clock)
+            self.launcher.probe(proc, port, self.load_timeout, clock=self.clock, request=self.serving.probe)
         except ModelLoadFailed as exc:
             proc.stop()
             with self._lock:
@@ -276,14 +308,14 @@ class ModelServer:
         self._transition(State.READY, expected=State.STARTING, load_seconds=round(seconds, 3))
         return seconds
 
-    def _stop_process(self) -> None:
+    def _stop_process(self, reason: str = "") -> None:
         with self._lock:
             state, proc = self._status.state, self._status.process
         if state in (State.READY, State.STARTING):
             self._transition(State.STOPPING)
             if proc is not None:
                 proc.stop()
-            self._transition(State.STOPPED, process=None)
+            self._transition(State.STOPPED, process=None, stopped_because=reason or None)
         elif proc is not None:
             proc.stop()
 
@@ -297,5 +329,6 @@ class ModelServer:
             try:
                 self._transition(State.FAILED, expected=State.READY,
                                  error=f"the server exited with code {code}: {proc.failure_reason()}")
+                self.crashed = time.monotonic()
             except IllegalTransition:
                 pass  # a stop or load got there first

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import re
 import secrets
@@ -19,6 +21,7 @@ import psutil
 
 from ..config import SECRET_VARIABLES
 from ..net import peer_closed
+from .model_process import ALIVE_PATH
 
 _ERROR_LINE = re.compile(r"^[\w.]*(Error|Exception|Exit)\b.*")
 # Connections to a model server kept open for the next requests: a new one costs a few tenths
@@ -82,12 +85,30 @@ class ServerProcess:
         for sock in spares:
             sock.close()
 
+    def alive_report(self, timeout: float = 5.0) -> dict | None:
+        """What the server says of itself (`model_process.report_liveness`); None when it
+        does not answer in time."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            conn.request("GET", ALIVE_PATH, headers={"Authorization": self.auth_header})
+            response = conn.getresponse()
+            return json.loads(response.read()) if response.status == 200 else None
+        except (OSError, ValueError, http.client.HTTPException):
+            return None
+        finally:
+            conn.close()
+
     @property
     def pid(self) -> int:
         return self.popen.pid
 
     def alive(self) -> bool:
         return self.popen.poll() is None
+
+    def terminate(self) -> None:
+        """SIGTERM, no waiting (see `stop`)."""
+        if self.alive():
+            self.popen.send_signal(signal.SIGTERM)
 
     def stop(self, grace: float = 5.0) -> None:
         """SIGTERM, then SIGKILL after `grace` seconds."""

@@ -5,9 +5,8 @@ with it; the model servers also die with it on SIGKILL (see `model_process`).
 The proxies hand their requests to the relay at its local door (`doors`, a thread per
 connection), not here; this port serves the management routes and the same relay routes
 for tools. Each relay request holds a thread while it waits in its queue or streams, so
-there are threads for every queue place of both servers (running and waiting) and some
-to spare for the management routes: the queue, not gunicorn's backlog, is where requests
-wait."""
+there are threads for two models' queue places (running and waiting) and some to spare for
+the management routes; the proxies' requests use the door's threads, not these."""
 
 from __future__ import annotations
 
@@ -69,7 +68,7 @@ class WrapperApplication(BaseApplication):
         if self.config.listen:  # other gateways reach this host's relay
             doors.listen(self.config, app, relay)
         self.fleet.start_configured()
-        self.fleet.start_watchdog()
+        self.fleet.start_maintenance()
         return app
 
     def _worker_exit(self, server, worker) -> None:

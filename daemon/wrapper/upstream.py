@@ -31,11 +31,14 @@ class ClientGone(BackendError):
 
 
 class Upstream:
-    def __init__(self, process: ServerProcess, path: str, body: dict, client: socket.socket | None = None):
+    def __init__(self, process: ServerProcess, path: str, body: dict, client: socket.socket | None = None,
+                 keepalives: bool = True):
         self.client = client
+        self.keepalives = keepalives  # a stream's caller may ping its client during silences; a JSON answer not
         self.buffer = b""
         self.last_data = time.monotonic()
         self.status = 0
+        self.received = False  # anything at all from the model server (before: the call may be made again)
         payload = dump(body)
         self.sock: socket.socket | None = None
         try:
@@ -62,7 +65,7 @@ class Upstream:
                 raise BackendError(ticket.cancel_reason or "the model server connection was closed") from None
             if self.client is not None and self.client in readable and peer_closed(self.client):
                 raise ClientGone("the client went away")
-            if not readable and not self.buffer and time.monotonic() - self.last_data > SILENCE_TICK:
+            if self.keepalives and not readable and not self.buffer and time.monotonic() - self.last_data > SILENCE_TICK:
                 self.last_data = time.monotonic()
                 self.buffer = b":\n"  # a keep-alive of our own: the caller may ping its client
                 return True
@@ -75,6 +78,7 @@ class Upstream:
                 if not data:
                     return False
                 ticket.progress()
+                self.received = True
                 self.last_data = time.monotonic()
                 self.buffer += data
                 return True
@@ -128,6 +132,20 @@ class Upstream:
                 if isinstance(chunk, dict) and "error" in chunk:
                     raise BackendError(f"the model server failed: {chunk['error']}")
                 yield chunk
+
+    def answer(self, ticket: Ticket) -> tuple[int, bytes]:
+        """A whole JSON answer (status, body): what an embedding model server sends."""
+        status_line = self._line(ticket) or b""
+        parts = status_line.split()
+        self.status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+        while (self._line(ticket) or b"").strip():
+            pass
+        while self._fill(ticket):
+            pass
+        body, self.buffer = self.buffer, b""
+        if not self.status:
+            raise BackendError(ticket.cancel_reason or "the model server closed the connection without an answer")
+        return self.status, body
 
     def close(self) -> None:
         if self.sock is not None:

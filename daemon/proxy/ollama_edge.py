@@ -1,0 +1,96 @@
+"""The Ollama listener: Ollama's API for apps written for it (`OLLAMA_HOST=127.0.0.1:11434`), on
+`ollama_port`, bound to 127.0.0.1 and without a key, as Ollama itself serves it. The HTTP proxy
+program serves it beside its own port (`server`), with the same edge.
+
+- POST /api/chat, /api/generate, /api/embed, /api/embeddings and /api/show are API requests
+  like any other (`Edge.answer`): the body read once, the hooks run once (routes
+  `ollama_chat`, `ollama_generate`, `ollama_embed`, `ollama_show`), the relay's queue and
+  records, errors from the one table in Ollama's shape ``{"error": "..."}``.
+- GET /api/tags and /api/ps are the local models and the loaded ones, in Ollama's shape;
+  GET /api/version a version; GET and HEAD / answer "Ollama is running" (clients probe it).
+- As Ollama does, the same port serves the OpenAI-compatible routes under /v1 (chat completions,
+  completions, embeddings, Responses, GET /v1/models), without a key too: clients such as
+  Continue's `ollama` provider call them there.
+- Ollama's model store is not the gateway's: pulls, pushes, creates, copies and deletes are
+  refused with a 400 that says what to do instead (a pull: `mlxgate download NAME`).
+"""
+
+from __future__ import annotations
+
+import json
+
+from ..api_errors import OLLAMA, OPENAI, error_response
+from ..errors import MlxgateError
+from ..json_body import parse_object
+from ..ollama import models as ollama_models
+from . import routes
+from .edge import Edge, _error, _json, _loopback, _reply
+
+HOST = "127.0.0.1"  # loopback only: there is no key to ask for
+VERSION = "0.12.0"  # the Ollama API version whose routes and shapes are served here
+RUNNING = b"Ollama is running"
+SERVED = ("POST /api/chat, /api/generate, /api/embed, /api/embeddings, /api/show; GET /api/tags, /api/ps, "
+          "/api/version and /; and OpenAI's POST /v1/chat/completions, /v1/completions, /v1/embeddings, "
+          "/v1/responses, GET /v1/models")
+OPENAI_COMPATIBLE = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
+
+
+class OllamaEdge:
+    def __init__(self, edge: Edge):
+        self.edge = edge
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":  # the lifespan is the main edge's (`server`)
+            return None
+        if not _loopback(scope.get("client")):
+            return await _error(send, OLLAMA, "permission", "Ollama's API is served to this machine only "
+                                "(127.0.0.1, no key); from elsewhere use the gateway's own port with its key")
+        path = scope.get("path", "").rstrip("/") or "/"
+        method = scope.get("method")
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        route = routes.OLLAMA_POST_ROUTES.get(path)
+        if route is not None and method == "POST":
+            return await self.edge.answer(scope, receive, send, route, headers, OLLAMA)
+        if path in OPENAI_COMPATIBLE and method == "POST":
+            route = routes.POST_ROUTES[path]
+            return await self.edge.answer(scope, receive, send, route, headers, route.api)
+        if path in routes.MODEL_LIST_PATHS and method == "GET":
+            return await self.edge._guarded(send, OPENAI, self.edge._models(send))
+        if path == "/" and method in ("GET", "HEAD"):
+            return await _reply(send, 200, [("content-type", "text/plain; charset=utf-8"),
+                                            ("content-length", str(len(RUNNING)))],
+                                b"" if method == "HEAD" else RUNNING)
+        if method == "GET" and path == "/api/version":
+            return await _json(send, 200, json.dumps({"version": VERSION}).encode())
+        if method == "GET" and path in ("/api/tags", "/api/ps"):
+            try:
+                listed = await self.edge.relay.get_json("/models")
+            except MlxgateError as exc:
+                return await _error(send, OLLAMA, "unavailable", str(exc))
+            answer = (ollama_models.tags(listed.get("models") or []) if path == "/api/tags"
+                      else ollama_models.ps(listed.get("servers") or {}))
+            return await _json(send, 200, json.dumps(answer).encode())
+        if path in routes.OLLAMA_WRITES or path.startswith("/api/blobs/"):
+            return await self._refuse_write(path, headers, receive, send)
+        return await _error(send, OLLAMA, "not_found", f"no route {method} {path} here: mlxgate serves "
+                            f"Ollama's {SERVED}")
+
+    async def _refuse_write(self, path: str, headers: dict, receive, send) -> None:
+        body = await self.edge._body(headers, receive, send, OLLAMA)
+        if body is None:
+            return None
+        try:
+            data = parse_object(body) if body else {}
+        except ValueError:
+            data = {}
+        name = str(data.get("model") or data.get("name") or "NAME")[:256]
+        if path == "/api/pull":
+            message = (f"pulling is not served here: mlxgate serves MLX models from its model folders and the "
+                       f"Hugging Face cache, not Ollama's store. Run `mlxgate download {name}` (a Hugging Face "
+                       f"name, e.g. mlx-community/Qwen2.5-Coder-7B-Instruct-4bit); GET /api/tags lists what is "
+                       f"here")
+        else:
+            message = (f"{path} is not served here: mlxgate's models are folders on this machine (`mlxgate "
+                       f"models` lists them, `mlxgate download NAME` adds one), not Ollama's store, so they are "
+                       f"not created, copied, pushed or deleted through Ollama's API")
+        await _reply(send, *error_response(OLLAMA, "invalid_request", message))

@@ -174,9 +174,11 @@ class Wrapper:
         self._log.close()
 
 
-def ledger_rows(gateway, since: float, model: str) -> list[dict]:
+def ledger_rows(gateway, since: float, model: str, at_least: int = 1) -> list[dict]:
     """The gateway's own records of `model`'s requests since `since` (its usage ledger), once the
-    ledger holds every request that model's server has answered (the wrapper writes in batches)."""
+    ledger holds every request that model's server has answered (the wrapper writes in batches)
+    and at least `at_least` of them are since `since` (the server's count starts again at zero
+    after `mlxgate restart`, while the ledger keeps the earlier rows)."""
     import sqlite3
 
     def read(where: str, *args) -> list[dict]:
@@ -185,7 +187,8 @@ def ledger_rows(gateway, since: float, model: str) -> list[dict]:
             return [dict(r) for r in db.execute(f"SELECT * FROM requests WHERE served_model LIKE ? {where} ORDER BY at",
                                                 (f"%{model}", *args))]
     served = gateway.served(model)
-    wait_for(lambda: len(read("")) >= served, 10, what=f"the ledger to hold {served} requests of {model}")
+    wait_for(lambda: len(read("")) >= served and len(read("AND at >= ?", since)) >= at_least, 10,
+             what=f"the ledger to hold {served} requests of {model}, {at_least} since {since}")
     return read("AND at >= ?", since)
 
 

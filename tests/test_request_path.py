@@ -167,6 +167,28 @@ def test_the_proxy_hands_requests_to_the_relay_at_its_door_which_needs_the_key(g
     assert "model 'nowhere' not found" in missing["error"]["message"]
 
 
+def test_a_burst_of_callers_at_the_door_is_not_turned_away(gw):
+    """Clients that arrive together (a coding agent's fan-out, a benchmark's barrier) each open a
+    connection to the door at the same moment: none is refused for a full listen backlog (on a
+    Unix socket a full backlog fails the connect at once, where TCP would retry)."""
+    door = str(gw.home / "relay.sock")
+    socks, refused = [], 0
+    try:
+        for _ in range(200):
+            sock = socket.socket(socket.AF_UNIX)
+            sock.setblocking(False)
+            socks.append(sock)
+            try:
+                sock.connect(door)
+            except BlockingIOError:
+                refused += 1
+    finally:
+        for sock in socks:
+            sock.close()
+    assert refused == 0, f"{refused} of 200 connections turned away"
+    assert gpt(gw).chat.completions.create(model="gpt-4o", max_tokens=1, messages=PROMPT).usage.completion_tokens == 1
+
+
 def test_a_caller_gone_before_its_stream_starts_gives_its_place_in_the_queue_back(gw):
     """A proxy that cancels while the relay still counts a long prompt: the door cannot even
     send the answer's headers, and the request's place in the queue is given back anyway

@@ -59,6 +59,10 @@ IDLE_SECONDS = 120.0
 class _Doorway:
     """What both doors' servers carry: the Flask app, the relay, the key and the size limit."""
 
+    # the listen backlog: the proxy opens a connection per request at once, and a full backlog
+    # turns a Unix-socket connect away at once (EAGAIN) where TCP would retry (socketserver: 5)
+    request_queue_size = 1024
+
     def setup_door(self, app, relay: Relay | None, api_key: str | None, max_body: int, ca_pem: bytes = b"") -> None:
         self.app, self.relay, self.api_key, self.max_body, self.ca_pem = app, relay, api_key, max_body, ca_pem
 

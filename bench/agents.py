@@ -99,8 +99,6 @@ def main() -> None:
                             "131072", "--steps", str(steps)], check=True, capture_output=True)
             run = agent.run(Session(binary, model, Served(gateway), task, home))
             env = {**os.environ, "HOME": str(home), "PWD": str(task), **run.env}
-            for command in run.setup or []:
-                subprocess.run(command, env=env, cwd=task, capture_output=True, timeout=120)
             since = time.time()
             result = subprocess.run(run.argv, env=env, cwd=task, capture_output=True, text=True, timeout=900,
                                     stdin=subprocess.DEVNULL)

@@ -321,15 +321,16 @@ def _launch_target(config: Config, agent: str, https: bool, model: str | None):
 def launch(agent: str, model: str | None, https: bool, args: tuple[str, ...]) -> int:
     """run a coding agent set up for the gateway: mlxgate launch claude -- -p TASK
 
-    AGENT is claude, codex, qwen, opencode or pi; the ARGS after -- go to the agent
-    (see docs/agents.md).
+    AGENT is claude, codex, qwen, opencode, pi, copilot, cline, kilo, cn (Continue), aider,
+    vibe (mistral-vibe) or openhands; the ARGS after -- go to the agent (see docs/agents.md).
     """
     import os
 
-    from .launch import executable, prepare
+    from .launch import executable, prepare, set_up
 
     setup = prepare(agent, _launch_target(_config(), agent, https, model))
     binary = executable(agent)
+    set_up(agent, setup)
     if args[:1] == ("--",):  # click keeps the separator of `mlxgate launch AGENT -- ARGS`
         args = args[1:]
     os.execvpe(binary, [binary, *setup.args, *args], {**os.environ, **setup.env})
@@ -339,7 +340,7 @@ def launch(agent: str, model: str | None, https: bool, args: tuple[str, ...]) ->
 @cli.command()
 @click.option("--https", is_flag=True, help="use the HTTPS listener")
 @click.option("--codex", is_flag=True, help="print Codex CLI's provider config (TOML) instead")
-@click.option("--for", "agent", metavar="AGENT", help="print what `mlxgate launch AGENT` sets (claude, codex, qwen, opencode, pi)")
+@click.option("--for", "agent", metavar="AGENT", help="print what `mlxgate launch AGENT` sets (the agents of `mlxgate launch --help`)")
 @click.option("--model", help="with --for: the model of every tier")
 def env(https: bool, codex: bool, agent: str | None, model: str | None) -> int:
     """print export lines for Anthropic, OpenAI and Ollama clients: eval "$(mlxgate env)"

@@ -256,6 +256,13 @@ class Gateway:
     def ca(self) -> Path:
         return self.home / "ssl" / "ca.pem"
 
+    def log_tail(self, lines: int = 40) -> str:
+        """The last lines of each of the daemon's logs, for a failure's message."""
+        shown = []
+        for path in sorted((self.home / "logs").glob("*.log")):
+            shown.append(f"--- {path.name}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
+        return "\n".join(shown)
+
     def supervisord_pid(self) -> int | None:
         try:
             return int((self.home / "supervisord.pid").read_text())

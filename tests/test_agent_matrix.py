@@ -5,10 +5,10 @@ arguments; the agent makes that exact edit to `hello.txt` in its work folder and
 model's last turn answers from the tool's result. On every follow-up request of the agent's loop
 at least 90 % of the prompt is read from the prompt cache, by the gateway's own records.
 
-One row per agent (`AGENTS`): its package, its pinned version, the steps its model makes, and how
-it is pointed at the gateway (the settings `mlxgate env --for AGENT` prints, or the agent's own
-per-run config file). Each agent gets a model of its own, built for its work folder. An agent
-that npm cannot install here skips, saying why. `bench/agents.py` runs the same rows with the
+One row per agent (`AGENTS`): its package, its pinned version, the steps its model makes, and the
+agent's own arguments; every agent runs through `mlxgate launch --model MODEL AGENT -- ARGS`,
+which points it at the gateway. Each agent gets a model of its own, built for its work folder.
+An agent that npm or pip cannot install here skips, saying why. `bench/agents.py` runs the same rows with the
 newest version of each.
 """
 
@@ -38,7 +38,6 @@ MLXGATE = [sys.executable, "-m", "mlxgate.cli"]
 class Run:
     argv: list[str]
     env: dict[str, str]
-    setup: list[list[str]] | None = None  # commands before the run (the agent's own config commands)
 
 
 @dataclass(frozen=True)
@@ -101,22 +100,12 @@ def qwen_run(s: Session) -> Run:
                     "read_file", "edit", "--exclude-tools", "agent", "tool_search", "skill", "-p", TASK)
 
 
-def opencode_config(s: Session, schema: str) -> str:
-    return json.dumps({"$schema": schema, "model": f"mlxgate/{s.model}", "small_model": f"mlxgate/{s.model}",
-                       "autoupdate": False, "share": "disabled",
-                       "provider": {"mlxgate": {"npm": "@ai-sdk/openai-compatible", "name": "mlxgate",
-                                                "options": {"baseURL": s.v1, "apiKey": "{env:MLXGATE_API_KEY}"},
-                                                "models": {s.model: {"name": s.model}}}}})
-
-
 def opencode_run(s: Session) -> Run:
     return launched(s, "opencode", "run", "--format", "json", TASK)
 
 
 def kilo_run(s: Session) -> Run:
-    return Run([s.binary, "run", "--auto", "--format", "json", "-m", f"mlxgate/{s.model}", TASK],
-               {"KILO_CONFIG_CONTENT": opencode_config(s, "https://app.kilo.ai/config.json"), "MLXGATE_API_KEY": s.key,
-                "KILO_DISABLE_MODELS_FETCH": "1", "KILO_DISABLE_SESSION_INGEST": "1", "KILO_DISABLE_SHARE": "1"})
+    return launched(s, "kilo", "run", "--auto", "--format", "json", TASK)
 
 
 def pi_run(s: Session) -> Run:
@@ -124,51 +113,30 @@ def pi_run(s: Session) -> Run:
 
 
 def copilot_run(s: Session) -> Run:
-    return Run([s.binary, "-p", TASK, "--allow-all-tools", "--no-ask-user"],
-               {"COPILOT_HOME": str(s.home / ".copilot"), "COPILOT_PROVIDER_BASE_URL": s.v1,
-                "COPILOT_PROVIDER_TYPE": "openai", "COPILOT_PROVIDER_API_KEY": s.key,
-                "COPILOT_PROVIDER_WIRE_API": "completions", "COPILOT_MODEL": s.model, "COPILOT_OFFLINE": "true",
-                "COPILOT_AUTO_UPDATE": "false"})
+    return launched(s, "copilot", "-p", TASK, "--allow-all-tools", "--no-ask-user",
+                    env={"COPILOT_HOME": str(s.home / ".copilot")})
 
 
 def cline_run(s: Session) -> Run:
-    config = str(s.home / "cline-config")
-    return Run([s.binary, "--config", config, "--json", TASK], {"CLINE_SESSION_BACKEND_MODE": "local"},
-               setup=[[s.binary, "auth", "-p", "openai-compatible", "-k", s.key, "-m", s.model, "-b", s.v1,
-                       "--config", config]])
+    return launched(s, "cline", "--json", TASK)
 
 
 def continue_run(s: Session) -> Run:
-    config = s.home / "continue.yaml"
-    config.write_text(json.dumps({"name": "mlxgate", "version": "1.0.0", "schema": "v1", "models": [{
-        "name": s.model, "provider": "openai", "model": s.model, "apiBase": s.v1, "apiKey": s.key,
-        "roles": ["chat", "edit", "apply"], "capabilities": ["tool_use"]}]}))
-    return Run([s.binary, "--config", str(config), "--auto", "-p", TASK],
-               {"CONTINUE_GLOBAL_DIR": str(s.home / ".continue")})
+    return launched(s, "cn", "--auto", "-p", TASK, env={"CONTINUE_GLOBAL_DIR": str(s.home / ".continue")})
 
 
 def aider_run(s: Session) -> Run:
-    return Run([s.binary, "--model", f"openai/{s.model}", "--edit-format", "diff", "--yes-always", "--no-git",
-                "--no-auto-commits", "--no-check-update", "--analytics-disable", "--no-show-model-warnings",
-                "--no-pretty", "--message", TASK, "hello.txt"],
-               {"OPENAI_API_BASE": s.v1, "OPENAI_API_KEY": s.key, "LITELLM_LOCAL_MODEL_COST_MAP": "True"})
+    return launched(s, "aider", "--edit-format", "diff", "--yes-always", "--no-git", "--no-auto-commits", "--no-pretty",
+                    "--message", TASK, "hello.txt")
 
 
 def vibe_run(s: Session) -> Run:
-    folder = s.home / ".vibe"
-    folder.mkdir(exist_ok=True)
-    (folder / "config.toml").write_text(
-        f'active_model = "{s.model}"\n\n[[providers]]\nname = "mlxgate"\napi_base = "{s.v1}"\n'
-        f'api_key_env_var = "MLXGATE_API_KEY"\napi_style = "openai"\nbackend = "generic"\n\n'
-        f'[[models]]\nname = "{s.model}"\nprovider = "mlxgate"\nalias = "{s.model}"\n')
-    return Run([s.binary, "-p", TASK, "--auto-approve", "--trust", "--output", "json"],
-               {"VIBE_HOME": str(folder), "MLXGATE_API_KEY": s.key})
+    return launched(s, "vibe", "-p", TASK, "--auto-approve", "--trust", "--output", "json")
 
 
 def openhands_run(s: Session) -> Run:
-    return Run([s.binary, "--headless", "--json", "--override-with-envs", "--exit-without-confirmation", "-t", TASK],
-               {"LLM_MODEL": f"openai/{s.model}", "LLM_BASE_URL": s.v1, "LLM_API_KEY": s.key,
-                "LITELLM_LOCAL_MODEL_COST_MAP": "True", "OPENHANDS_SUPPRESS_BANNER": "1"})
+    return launched(s, "openhands", "--headless", "--json", "--exit-without-confirmation", "-t", TASK,
+                    env={"OPENHANDS_SUPPRESS_BANNER": "1"})
 
 
 AIDER_EDIT = "hello.txt\n```\n<<<<<<< SEARCH\nHello world\n=======\nHello mlxgate\n>>>>>>> REPLACE\n```\n"
@@ -258,8 +226,6 @@ def test_an_agent_makes_the_models_edit_with_its_own_tool(gw, name, tmp_path_fac
     session = Session(binary, model, gw, work, home)
     run = agent.run(session)
     env = {**os.environ, "HOME": str(home), "PWD": str(work), **run.env}
-    for command in run.setup or []:
-        subprocess.run(command, env=env, cwd=work, check=True, capture_output=True, timeout=120)
     started = time.time()
     result = subprocess.run(run.argv, env=env, cwd=work, capture_output=True, text=True, timeout=900,
                             stdin=subprocess.DEVNULL)

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import time
+from pathlib import Path
 
 from support import free_port, mlxgate
 
@@ -124,6 +125,20 @@ def test_env_for_an_agent_prints_what_launch_sets_and_writes_only_under_the_runt
     written = tmp_path / "home" / "launch" / "pi" / "models.json"
     assert f"# written: {written}" in pi and json.loads(written.read_text())["providers"]["mlxgate"]["models"][0][
         "contextWindow"] == 65536
+    aider = mlxgate("env", "--for", "aider", env=env, check=True).stdout
+    metadata = json.loads((tmp_path / "home" / "launch" / "aider" / "model-metadata.json").read_text())
+    assert metadata["openai/coder"]["max_input_tokens"] == 65536 and "--timeout 656" in aider
+    cline = mlxgate("env", "--for", "cline", env=env, check=True).stdout
+    assert f"# first: cline auth -p openai-compatible -k k -m coder -b http://127.0.0.1:12100/v1 --config " \
+           f"{tmp_path / 'home' / 'launch' / 'cline'}" in cline
+    from mlxgate.launch import AGENTS
+
+    for agent in AGENTS:  # every launcher points its agent at this gateway, with this key
+        shown = mlxgate("env", "--for", agent, env=env, check=True).stdout
+        told = shown + "".join(Path(line.removeprefix("# written: ")).read_text() for line in shown.splitlines()
+                               if line.startswith("# written: "))
+        assert "http://127.0.0.1:12100" in told, f"{agent}:\n{told}"
+        assert re.search(r"""(=|-k |"apiKey": ")k(\s|"|$)""", told, re.M), f"{agent} gets the key:\n{told}"
     assert not (tmp_path / "user").exists(), "nothing in the user's own home"
     unknown = mlxgate("env", "--for", "emacs", env=env)
     assert unknown.returncode == 1 and "no launcher for 'emacs'" in unknown.stderr

@@ -75,8 +75,12 @@ def test_fifty_answers_of_a_random_model_all_validate_against_the_schema(gw):
     fmt = {"type": "json_schema", "json_schema": {"name": "record", "schema": RECORD, "strict": True}}
 
     def one(i: int) -> dict:
-        answer = client.chat.completions.create(model="gpt-4o", max_tokens=400, temperature=1.0, response_format=fmt,
-                                                messages=[{"role": "user", "content": f"Record {i}"}])
+        try:
+            answer = client.chat.completions.create(model="gpt-4o", max_tokens=400, temperature=1.0,
+                                                    response_format=fmt,
+                                                    messages=[{"role": "user", "content": f"Record {i}"}])
+        except openai.APIStatusError as e:  # what the gateway said, and what its wrapper logged
+            raise AssertionError(f"request {i}: {e.status_code} {e.response.text}\n{gw.log_tail()}") from e
         assert answer.choices[0].finish_reason == "stop", answer
         return json.loads(answer.choices[0].message.content)
     with ThreadPoolExecutor(8) as pool:

@@ -320,3 +320,22 @@ def test_a_ledger_written_before_a_column_was_added_gets_it_and_keeps_its_rows(t
     with sqlite3.connect(path) as db:
         rows = db.execute("SELECT api, input_tokens, images FROM requests ORDER BY id").fetchall()
     assert rows == [("openai", 7, None), ("anthropic", 300, 2)]
+
+
+def test_the_auto_memory_budget_on_macos_and_elsewhere(monkeypatch):
+    """`memory_budget: auto`: on macOS the Metal recommended working set less 10 % (at least
+    1 GiB); elsewhere 70 % of physical memory. This machine has no Metal, so the macOS branch
+    is given its working set; the probe itself runs for real, and where MLX has no Metal device
+    (here) it says so with None, which falls back to the physical-memory share."""
+    from mlxgate.wrapper import memory
+
+    gib = memory.GIB
+    assert memory.budget(None, working_set=lambda: 48 * gib).bytes == 48 * gib - int(48 * gib * 0.1)
+    small = memory.budget(None, working_set=lambda: 8 * gib)
+    assert small.bytes == 7 * gib and "Metal recommended working set 8.0 GiB less 1.0 GiB" in small.source
+    linux = memory.budget(None, working_set=lambda: None, total=24 * gib)
+    assert linux.bytes == int(24 * gib * 0.7) and linux.source == "auto: 70% of 24.0 GiB physical memory"
+    assert memory.budget(3 * gib).bytes == 3 * gib
+    assert memory.metal_working_set() is None  # not macOS: no probe at all
+    monkeypatch.setattr(memory.sys, "platform", "darwin")
+    assert memory.metal_working_set() is None  # the probe ran: MLX on the CPU reports no working set

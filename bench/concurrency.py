@@ -113,7 +113,7 @@ def gateway_cpu(gateway: Gateway) -> float:
                 continue
             for member in family:
                 try:
-                    if "model_process" not in " ".join(member.cmdline()):
+                    if "mlx_lm_entry" not in " ".join(member.cmdline()):
                         times = member.cpu_times()
                         total += times.user + times.system
                 except psutil.Error:

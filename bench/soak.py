@@ -159,7 +159,7 @@ def group_rss(config) -> dict[str, float]:
         try:
             process = psutil.Process(pid)
             family = [process] + process.children(recursive=True)
-            servers = [p for p in family if "model_process" in " ".join(p.cmdline())]
+            servers = [p for p in family if "mlx_lm_entry" in " ".join(p.cmdline())]
             rows[name] = sum(p.memory_info().rss for p in family if p not in servers) / 1e6
             for server in servers:
                 rows[f"model server {server.pid}"] = server.memory_info().rss / 1e6

@@ -87,9 +87,9 @@ def through(gateway: Gateway, image: bytes, runs: int) -> list[float]:
 
 
 def vision_rss() -> int:
-    """Resident bytes of the vision model server (the process running mlxgate.vision.process)."""
+    """Resident bytes of the vision model server (the process running mlxgate.vision.entry)."""
     for process in psutil.process_iter(["cmdline"]):
-        if "mlxgate.vision.process" in " ".join(process.info["cmdline"] or []):
+        if "mlxgate.vision.entry" in " ".join(process.info["cmdline"] or []):
             return process.memory_info().rss
     return 0
 

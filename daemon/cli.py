@@ -125,13 +125,14 @@ def _service_manager(config: Config):
 @start_options
 @click.option("--download-model", metavar="MODEL",
               help="download MODEL first (unless it is here); it is the default model unless --default-model names another")
-@click.option("--install-dependencies", is_flag=True, help="run ./install.sh first")
+@click.option("--run-install", is_flag=True, help="run the checkout's ./install.sh --no-service first")
+@click.option("--install-dependencies", "old_run_install", is_flag=True, hidden=True)  # its name until 0.x: warns
 @click.option("--foreground", is_flag=True,
               help="run supervisord in the foreground until it stops (what the boot service runs); exit status "
                    "0 stopped on request, 75 the group went down, 78 a restart would not help")
 @click.option("--blocked-exit-code", type=int, default=78, show_default=True,
               help="with --foreground: the exit status when a restart would not help (launchd's plist says 0)")
-def start(use_sudo: bool, download_model: str | None, install_dependencies: bool, foreground: bool,
+def start(use_sudo: bool, download_model: str | None, run_install: bool, old_run_install: bool, foreground: bool,
           blocked_exit_code: int, **flags) -> int:
     """start the whole gateway under supervisord; returns when it is healthy
 
@@ -142,11 +143,14 @@ def start(use_sudo: bool, download_model: str | None, install_dependencies: bool
     from .supervision import control
     from .runtime_files import ensure_api_key
 
-    if install_dependencies:
+    if old_run_install:
+        print("mlxgate start --install-dependencies is now --run-install (./install.sh's own "
+              "--install-dependencies installs system packages)", file=sys.stderr, flush=True)
+    if run_install or old_run_install:
         from . import PROJECT_ROOT
         from .project_files import IN_CHECKOUT
         if not IN_CHECKOUT:
-            raise MlxgateError("--install-dependencies runs the checkout's ./install.sh, and this mlxgate is not "
+            raise MlxgateError("--run-install runs the checkout's ./install.sh, and this mlxgate is not "
                                "run from a checkout. Fix: start without it (pip installed the dependencies).")
         print("running ./install.sh --no-service", flush=True)
         if subprocess.call([str(PROJECT_ROOT / "install.sh"), "--no-service", "--quiet"]) != 0:

@@ -18,8 +18,8 @@ import yaml
 
 from . import PROJECT_ROOT
 from .errors import ConfigError
+from .host_entries import parse_hosts
 from .seats import ports as seat_ports
-from .hosts.entries import parse_hosts
 
 DEFAULT_CONFIG = PROJECT_ROOT / "config" / "gateway.yaml"
 DEFAULT_HOME = Path("~/.mlxgate")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .config import API_KEY_FILE, Config
-from .system import forwarding, hosts, run, service, trust
+from .system import etc_hosts, forwarding, run, service, trust
 from .system.install import load_record
 
 
@@ -158,9 +158,9 @@ def _certificates(config: Config, steps: dict) -> list[Finding]:
 
 
 def _hosts(spec: dict) -> Finding:
-    domain, path = spec["domain"], hosts.HOSTS
-    other = hosts.resolves_elsewhere(domain, path)
-    if not hosts.has(domain, path):
+    domain, path = spec["domain"], etc_hosts.HOSTS
+    other = etc_hosts.resolves_elsewhere(domain, path)
+    if not etc_hosts.has(domain, path):
         return Finding(False, "hosts entry", f"{path} has no `127.0.0.1 {domain}` line of mlxgate's",
                        f"run ./install.sh again with --ssl-domain {domain}")
     if other:

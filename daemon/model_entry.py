@@ -1,5 +1,5 @@
-"""What every model server process of our own (`mlxgate.embeddings.process`, `mlxgate.vision.process`)
-does first: the wrapper's contract of `wrapper.model_process` (the secret is the first stdin
+"""What every model server process of our own (`mlxgate.embeddings.entry`, `mlxgate.vision.entry`)
+does first: the wrapper's contract of `wrapper.mlx_lm_entry` (the secret is the first stdin
 line; the process dies when stdin closes, also while its model loads), its command line's
 common part, and how a folder it cannot serve ends it (`FolderError: why` as the log's last
 line, which the wrapper shows the client)."""
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from .wrapper.model_process import on_parent_exit, read_secret
+from .wrapper.mlx_lm_entry import on_parent_exit, read_secret
 
 
 def parser(prog: str, description: str) -> argparse.ArgumentParser:

@@ -45,15 +45,21 @@ def _load_file(path: Path, module_name: str):
 
 
 def plugin_files(dirs: Iterable[Path]) -> list[Path]:
-    """User plugin files: every *.py in the folders, built-ins excluded, by name."""
+    """User plugin files: every *.py in the folders, built-ins excluded, by name; with
+    `MLXGATE_CHECKOUT_DROP_INS=0` none from the built-ins' own folder (the test suite sets it, so
+    a plugin a developer dropped into the checkout's `plugins/` cannot change its results)."""
     builtin_dir = project_file("plugins").resolve()
+    drop_ins_beside_builtins = os.environ.get("MLXGATE_CHECKOUT_DROP_INS", "1").strip() != "0"
     files = []
     for folder in dirs:
         folder = Path(folder).expanduser()
+        beside_builtins = folder.is_dir() and folder.resolve() == builtin_dir
+        if beside_builtins and not drop_ins_beside_builtins:
+            continue
         for path in sorted(folder.glob("*.py")) if folder.is_dir() else ():
             if path.name.startswith("_"):
                 continue
-            if folder.resolve() == builtin_dir and path.stem in BUILTIN_PLUGINS:
+            if beside_builtins and path.stem in BUILTIN_PLUGINS:
                 continue
             files.append(path)
     return files

@@ -15,6 +15,7 @@ from support import Gateway, Wrapper, make_broken_models, mlxgate, wait_for
 for _name in ("MLXGATE_CONFIG", "MLXGATE_HOME", "MLXGATE_API_KEY", *(s.env for s in SETTINGS if s.env)):
     os.environ.pop(_name, None)
 os.environ["MLXGATE_LOAD_ENTRY_POINTS"] = "0"
+os.environ["MLXGATE_CHECKOUT_DROP_INS"] = "0"  # a plugin dropped into the checkout's plugins/ stays out too
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
 

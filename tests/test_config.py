@@ -220,6 +220,29 @@ def test_installed_plugins_load_unless_the_switch_is_off(tmp_path, monkeypatch):
     assert loaded()
 
 
+def test_a_plugin_dropped_into_the_checkouts_plugins_folder_stays_out_of_the_tests(tmp_path, monkeypatch):
+    """The checkout's `plugins/` holds the built-ins and may hold a developer's drop-ins; the tests
+    load only the built-ins from it (a stand-in for that folder here: the real one is shared)."""
+    import shutil
+
+    from mlxgate import plugins
+    from mlxgate.project_files import project_file
+
+    checkout = tmp_path / "plugins"
+    shutil.copytree(project_file("plugins"), checkout)
+    (checkout / "dropped_in.py").write_text("import mlxgate\n\n@mlxgate.hookimpl\n"
+                                            "def mlxgate_pre_call(ctx):\n    ctx.notes['dropped'] = True\n")
+    monkeypatch.setattr(plugins, "project_file", lambda name: checkout)
+
+    def loaded() -> set[str]:
+        return {Path(name).stem for name, _ in plugins.make_manager(entry_points=False).list_name_plugin()}
+
+    assert os.environ["MLXGATE_CHECKOUT_DROP_INS"] == "0"  # conftest's guard
+    assert loaded() >= set(plugins.BUILTIN_PLUGINS) and "dropped_in" not in loaded()
+    monkeypatch.setenv("MLXGATE_CHECKOUT_DROP_INS", "1")  # as a user's gateway runs
+    assert "dropped_in" in loaded()
+
+
 # ---------------------------------------------------------------- declared dependencies
 def _imported(folders: tuple[str, ...]) -> dict[str, str]:
     """Top-level modules the folders import from outside the standard library and the project,

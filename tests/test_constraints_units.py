@@ -1,5 +1,5 @@
 """Structured output: schema refusals (no model), then real `mlx_lm.server` processes started the way
-`model_process.main` starts them, with the constraints patch applied right after `batch_loop`.
+`mlx_lm_entry.main` starts them, with the constraints patch applied right after `batch_loop`.
 
 The models are `mlxgate demo-model` ones: the random-weight one never writes JSON by itself, and
 the scripted one writes its one tool call (`{"city": "Paris"}`) unless a grammar says otherwise,
@@ -195,10 +195,10 @@ def _free_port() -> int:
     raise AssertionError(f"no free port in {PORTS}")
 
 
-# model_process.main, with the constraints patch applied right after batch_loop.apply (where main is to call it)
+# mlx_lm_entry.main, with the constraints patch applied right after batch_loop.apply (where main is to call it)
 LAUNCHER = """
 from mlxgate.constraints import serve
-from mlxgate.wrapper import batch_loop, model_process
+from mlxgate.wrapper import batch_loop, mlx_lm_entry
 
 apply = batch_loop.apply
 
@@ -210,7 +210,7 @@ def apply_then_constraints(server, *args, **kwargs):
 
 
 batch_loop.apply = apply_then_constraints
-model_process.main()
+mlx_lm_entry.main()
 """
 
 

@@ -20,11 +20,11 @@ import requests
 from mlxgate import demo_embedding
 from mlxgate.embeddings.batcher import Batcher, Job, Pending, form_batch
 from mlxgate.embeddings.engine import Engine, Refused, Sequence
-from mlxgate.embeddings.process import READINESS_PROBE
+from mlxgate.embeddings.entry import READINESS_PROBE
 from mlxgate.embeddings.server import MAX_BODY, error_answer
 from mlxgate.model_kinds import CHAT, DECODER, EMBEDDING, ENCODER, RERANKER, UNSUPPORTED, kind_of
 from mlxgate.net import port_in_use
-from mlxgate.wrapper.process import launch
+from mlxgate.wrapper.server_process import launch
 
 TEXTS = ["Paris is the capital of France.", "a dog", "Search engines retrieve relevant passages for a question. " * 3]
 LONG = "the quick brown fox " * 100  # over the tiny BERT's 128-token window
@@ -230,7 +230,7 @@ class Served:
 
     def __init__(self, model: Path, log: Path):
         self.port = next(p for p in PORTS if not port_in_use(p))
-        self.process = launch(model, self.port, log, entry=("-m", "mlxgate.embeddings.process"))
+        self.process = launch(model, self.port, log, entry=("-m", "mlxgate.embeddings.entry"))
         self.base = f"http://127.0.0.1:{self.port}"
         self.auth = {"Authorization": self.process.auth_header}
 

@@ -11,7 +11,7 @@ import yaml
 
 from mlxgate.config import load_config
 from mlxgate.errors import ConfigError
-from mlxgate.hosts.entries import HostEntry, parse_hosts, shown_fingerprint, write_hosts
+from mlxgate.host_entries import HostEntry, parse_hosts, shown_fingerprint, write_hosts
 from mlxgate.hosts.routing import Chooser
 from mlxgate.hosts.view import HostView
 from mlxgate.proxy.hosts import conversation_key

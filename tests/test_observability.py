@@ -154,7 +154,8 @@ def test_prometheus_scrapes_the_token_counters_and_they_equal_the_ledger(watched
     for _ in range(3):
         claude(watched).messages.create(model="claude-opus-4-8", max_tokens=6, messages=PROMPT)
     gpt(watched).chat.completions.create(model="gpt-4o", max_tokens=4, messages=PROMPT)
-    wait_for(lambda: ledger_rows(postgres, 0) and _quiet_ledger(postgres), 20, what="the ledger to settle")
+    wait_for(lambda: _counted_requests(watched) == postgres.query("SELECT COUNT(*) FROM requests")[0][0], 20,
+             what="the ledger to hold every request the wrapper counted")
     asked = time.time()
     wait_for(lambda: prometheus.scraped_after(asked + 0.5), 30, what="a scrape after the requests")
     ledger = postgres.query("SELECT SUM(input_tokens), SUM(cached_tokens), SUM(output_tokens), COUNT(*) "
@@ -165,10 +166,11 @@ def test_prometheus_scrapes_the_token_counters_and_they_equal_the_ledger(watched
     assert prometheus.query("sum(mlxgate_requests_total)") == ledger[3]
 
 
-def _quiet_ledger(postgres) -> bool:
-    before = postgres.query("SELECT COUNT(*) FROM requests")[0][0]
-    time.sleep(1.0)
-    return postgres.query("SELECT COUNT(*) FROM requests")[0][0] == before
+def _counted_requests(gateway) -> int:
+    """The requests the wrapper has counted (its counters are updated at once, its ledger in batches)."""
+    text = httpx.get(gateway.url + "/metrics", headers={"Authorization": f"Bearer {gateway.api_key}"}, timeout=30).text
+    return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("mlxgate_requests_total{")))
 
 
 # ---------------------------------------------------------------- the status page

@@ -3,7 +3,8 @@ client (streamed and not, a tool call and its result, generate with a suffix, a 
 embeddings, list, show, ps, keep_alive), the official JavaScript client under node, and
 LangChain's ChatOllama. No key is sent (Ollama clients send none) and none is needed there;
 errors come in Ollama's shape, `{"error": "..."}`, and what the gateway does not do (pulling,
-Ollama's model store, mirostat, images) is refused naming what to do instead.
+Ollama's model store, mirostat) is refused naming what to do instead; `images` that are not
+images are refused by name (images themselves: tests/test_vision.py).
 
 One daemon for the module (HTTP only, Ollama's API on a free port): default model tiny-a
 (pinned), the scripted model (fixed answers, a real get_weather tool call), `coder` (scripted,

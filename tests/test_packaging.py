@@ -96,10 +96,13 @@ def test_the_installed_mlxgate_finds_its_supervisord_template_and_builtin_plugin
 
 def test_what_needs_the_checkout_says_so(installed):
     env = {**os.environ, "PYTHONPATH": str(installed)}
-    result = subprocess.run([sys.executable, "-m", "mlxgate.cli", "start", "--install-dependencies"], env=env,
+    result = subprocess.run([sys.executable, "-m", "mlxgate.cli", "start", "--run-install"], env=env,
                             cwd=installed.parent, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
-    assert "mlxgate start: error: --install-dependencies runs the checkout's ./install.sh" in result.stderr
+    assert "mlxgate start: error: --run-install runs the checkout's ./install.sh" in result.stderr
+    old = subprocess.run([sys.executable, "-m", "mlxgate.cli", "start", "--install-dependencies"], env=env,
+                         cwd=installed.parent, capture_output=True, text=True, timeout=60)
+    assert old.returncode == 1 and "--install-dependencies is now --run-install" in old.stderr, old.stderr
 
 
 def test_the_installed_mlxgate_fills_its_service_templates(installed):

@@ -26,7 +26,7 @@ from mlxgate.prompt_disk import serve, store
 from mlxgate.prompt_disk.cache import DiskPromptCache
 from mlxgate.prompt_disk.fingerprint import model_fingerprint
 from mlxgate.prompt_disk.store import DiskStore, chain_keys, root_key
-from mlxgate.wrapper.model_process import bound_prompt_cache
+from mlxgate.wrapper.mlx_lm_entry import bound_prompt_cache
 
 MIN_TOKENS = 512
 rng = random.Random(0)

@@ -20,6 +20,7 @@ from mlxgate.wrapper.fleet import Fleet
 from mlxgate.wrapper.memory import PROCESS_ESTIMATE
 from mlxgate.wrapper.model_server import IllegalTransition, Launcher, State
 from mlxgate.wrapper.watchdog import Watchdog
+from support import wait_for
 
 A = LocalModel("model-a", Path("/models/model-a"), "model_dir")
 B = LocalModel("model-b", Path("/models/model-b"), "model_dir")
@@ -220,9 +221,8 @@ def test_a_model_with_requests_pending_is_never_evicted_and_the_load_waits_for_i
     asked = fleet.server_for("c").admission.join("chat", None)  # someone waits for c
     loading = threading.Thread(target=fleet.ensure, args=(fleet.server_for("c"),))
     loading.start()
-    time.sleep(1.2)
+    waiting = wait_for(lambda: fleet.server_for("c").status()["waiting_for"], 10, what="c to wait for room")
     assert loaded(fleet) == ["a", "b"], "nothing busy was evicted"
-    waiting = fleet.server_for("c").status()["waiting_for"]
     assert "room in the memory budget" in waiting and "a, b" in waiting
     fleet.server_for("b").admission.release(busy[1])  # b finishes: it can go now
     loading.join(10)
@@ -265,10 +265,8 @@ def test_idle_models_unload_after_their_keep_alive_and_pinned_ones_stay(tmp_path
         fleet.load(name)
     fleet.start_maintenance(interval=0.1)
     try:
-        deadline = time.monotonic() + 5
-        while loaded(fleet) != ["b", "c"] and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert loaded(fleet) == ["b", "c"] and fleet.evictions == {"idle": 1}
+        wait_for(lambda: loaded(fleet) == ["b", "c"], 5, what="a to unload")
+        assert fleet.evictions == {"idle": 1}
         assert "keep_alive 0.5 s" in fleet.server_for("a").status()["stopped_because"]
     finally:
         fleet.shutdown()
@@ -287,10 +285,8 @@ def test_a_process_that_dies_on_its_own_marks_the_server_failed_and_frees_its_ro
     process = server.process
     process.returncode = -9
     process.exited.set()
-    deadline = time.monotonic() + 5
-    while server.state is not State.FAILED and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert server.state is State.FAILED and "exited with code -9" in server.status()["error"]
+    wait_for(lambda: server.state is State.FAILED, 5, interval=0.01, what="the server to be marked failed")
+    assert "exited with code -9" in server.status()["error"]
     assert fleet.memory()["used"] == 0
     fleet.load("a")  # the next request's load starts it again
     assert server.ready() and fleet.launcher.launched == ["a", "a"]
@@ -326,14 +322,10 @@ def test_the_watchdog_replaces_a_server_that_stops_answering_even_with_nobody_wa
         time.sleep(1.0)
         assert server.process is first, "a server that answers is left alone"
         first.answers = False  # SIGSTOP: no answer, no CPU
-        deadline = time.monotonic() + 5
-        while server.process is first and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert server.process is not first and fleet.launcher.launched == ["a", "a"]
+        wait_for(lambda: server.process is not first, 5, what="the watchdog to replace the server")
+        assert fleet.launcher.launched == ["a", "a"]
         second = server.process
-        deadline = time.monotonic() + 5
-        while not server.ready() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(server.ready, 5, what="the new server to be ready")
         second.answers = False
         for _ in range(20):  # computing (a long prefill): CPU moves, so it is not wedged
             second.cpu += 0.1

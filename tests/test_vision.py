@@ -184,6 +184,26 @@ def test_the_processor_makes_that_many_tokens(gw):
         assert ids.shape[1] - base == image_tokens(gw.models / "tiny-vl", width, height)
 
 
+def test_ollamas_images_field_reaches_the_vision_model_in_chat_and_generate(gw):
+    """Ollama clients send images as base64 strings of the files' bytes beside the text (the
+    official client takes the bytes, or a path, and encodes them)."""
+    import ollama
+
+    client = ollama.Client(host=gw.ollama_url)
+    ask = "What is in this picture?"
+    plain = client.chat(model="tiny-vl", messages=[{"role": "user", "content": ask}], options={"num_predict": 2})
+    seen = client.chat(model="tiny-vl", messages=[{"role": "user", "content": ask, "images": [png(448, 448)]}],
+                       options={"num_predict": 2})
+    assert seen.message.content and seen.eval_count == 2
+    assert seen.prompt_eval_count - plain.prompt_eval_count == image_tokens(gw.models / "tiny-vl", 448, 448)
+    generated = client.generate(model="tiny-vl", prompt=ask, images=[PNG], options={"num_predict": 2})
+    words = client.generate(model="tiny-vl", prompt=ask, options={"num_predict": 2})
+    assert generated.prompt_eval_count - words.prompt_eval_count == image_tokens(gw.models / "tiny-vl", 64, 64)
+    with pytest.raises(ollama.ResponseError) as refused:
+        client.chat(model="tiny-vl", messages=[{"role": "user", "content": ask, "images": ["aGk="]}])
+    assert refused.value.status_code == 400 and "messages.0.images.0: the data is not an image" in refused.value.error
+
+
 def test_a_tool_result_with_an_image_reaches_the_model(gw):
     """What Claude Code's Read tool returns for an image file."""
     def ask(content):

@@ -182,7 +182,7 @@ def test_a_model_server_never_loads_another_model(models_dir, tmp_path):
     (mlx_lm.server alone would drop its model and load that one)."""
     port = free_port()
     log = (tmp_path / "server.log").open("wb")
-    server = subprocess.Popen([sys.executable, "-m", "mlxgate.wrapper.model_process", "--model",
+    server = subprocess.Popen([sys.executable, "-m", "mlxgate.wrapper.mlx_lm_entry", "--model",
                                str(models_dir / "tiny-a"), "--port", str(port)], stdin=subprocess.PIPE,
                               stdout=log, stderr=subprocess.STDOUT)
     try:

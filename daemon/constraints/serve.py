@@ -1,4 +1,4 @@
-"""Structured output in `mlx_lm.server` (mlx-lm 0.32), applied by `model_process` the way it applies
+"""Structured output in `mlx_lm.server` (mlx-lm 0.32), applied by `mlx_lm_entry` the way it applies
 its other patches: by wrapping a few of the server's parts. `install` composes with them in any
 order (each wraps what it finds), `batch_loop` included.
 

@@ -22,7 +22,7 @@ import orjson
 
 from .. import api_errors
 from ..errors import MlxgateError
-from ..wrapper.model_process import ALIVE_PATH
+from ..wrapper.mlx_lm_entry import ALIVE_PATH
 from .batcher import Batcher
 from .engine import TRUNCATIONS, Engine, Refused, Sequence
 

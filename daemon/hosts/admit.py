@@ -10,7 +10,7 @@ from typing import Callable
 from ..catalog import for_config, weights_digest
 from ..config import Config, config_path
 from ..private_files import write_private
-from .entries import HostEntry, check_name, check_url, normal_fingerprint, shown_fingerprint, write_hosts
+from ..host_entries import HostEntry, check_name, check_url, normal_fingerprint, shown_fingerprint, write_hosts
 from .pinning import HostDown, HostRefused, fetch_authority, fingerprint, get_json, pinned_context, read_key, \
     verifying_context
 from .view import weights_by_name

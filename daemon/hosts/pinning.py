@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 
 from ..errors import MlxgateError
 from ..relay_protocol import CA_PATH
-from .entries import HostEntry, shown_fingerprint
+from ..host_entries import HostEntry, shown_fingerprint
 
 
 class HostRefused(MlxgateError):

@@ -10,12 +10,15 @@ it, never dropped.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from ..messages.checks import invalid, message_role, shown
+from ..vision import images as images_
 
 # option -> the chat body's field
 SAMPLING = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p", "seed": "seed",
@@ -29,9 +32,7 @@ UNHONOURED = {"mirostat": ((0,), "mirostat sampling is not served (mlx_lm sample
               "typical_p": ((1, 1.0), "locally typical sampling is not served"),
               "tfs_z": ((1, 1.0), "tail-free sampling is not served")}
 # top-level fields -> (the values that ask for nothing, why another cannot be honoured)
-FIELDS_UNHONOURED = {"images": ((None, []), "Ollama's images field is not translated: send images through the "
-                                            "OpenAI or Anthropic API (see Images in the README)"),
-                     "template": ((None, ""), "a prompt template of the request's own is not served: the model's "
+FIELDS_UNHONOURED = {"template": ((None, ""), "a prompt template of the request's own is not served: the model's "
                                               "chat template is used (or send raw: true with the whole prompt)"),
                      "context": ((None, []), "the token context of an earlier /api/generate answer is not served: "
                                              "send the conversation to /api/chat instead"),
@@ -43,7 +44,7 @@ WINDOW_FIELDS = ("truncate", "shift")
 CHAT_FIELDS = {"model", "messages", "tools", "format", "options", "stream", "think", "keep_alive",
                *FIELDS_UNHONOURED, *WINDOW_FIELDS}
 GENERATE_FIELDS = {"model", "prompt", "suffix", "system", "raw", "format", "options", "stream", "think",
-                   "keep_alive", *FIELDS_UNHONOURED, *WINDOW_FIELDS}
+                   "keep_alive", "images", *FIELDS_UNHONOURED, *WINDOW_FIELDS}
 EMBED_FIELDS = {"model", "input", "truncate", "dimensions", "options", "keep_alive"}
 EMBEDDINGS_FIELDS = {"model", "prompt", "options", "keep_alive"}
 SHOW_FIELDS = {"model", "name", "verbose"}
@@ -174,6 +175,28 @@ def _common(body: dict, window: int | None) -> dict:
     return upstream
 
 
+def with_images(text: str, images: Any, where: str) -> str | list[dict]:
+    """A message's text with Ollama's `images` (base64 strings of the files' bytes) as the chat
+    body's image parts after it; their type is read from the bytes, and the relay checks them as
+    it checks every image."""
+    if images is None or images == []:
+        return text
+    at = f"{where}.images" if where else "images"
+    if not isinstance(images, list):
+        raise invalid(f"{at}: Input should be a list of base64 strings")
+    parts: list[dict] = [{"type": "text", "text": text}] if text else []
+    for j, data in enumerate(images):
+        if not isinstance(data, str) or not data:
+            raise invalid(f"{at}.{j}: Input should be a base64 string of an image's bytes")
+        try:
+            head = base64.b64decode(data[:4096 - 4096 % 4] if len(data) > 4096 else data, validate=True)
+        except (binascii.Error, ValueError):
+            raise invalid(f"{at}.{j}: not base64") from None
+        media_type = images_.media_type_of(head, f"{at}.{j}")
+        parts.append(images_.part(f"data:{media_type};base64,{data}", f"{at}.{j}"))
+    return parts
+
+
 def _messages(messages: Any) -> list[dict]:
     """Ollama's messages as OpenAI's: tool calls get ids (their arguments JSON text) and each tool
     result the id of the call it answers (by `tool_call_id`, `tool_name`, or else in order)."""
@@ -182,14 +205,12 @@ def _messages(messages: Any) -> list[dict]:
     out, pending = [], []
     for i, message in enumerate(messages):
         role = message_role(i, message, ROLES)
-        if message.get("images"):
-            raise invalid(f"messages.{i}.images: cannot be honoured: {FIELDS_UNHONOURED['images'][1]}")
         content = message.get("content")
         if content is None:
             content = ""
         if not isinstance(content, str):
             raise invalid(f"messages.{i}.content: Input should be a string, got {shown(content)}")
-        converted: dict = {"role": role, "content": content}
+        converted: dict = {"role": role, "content": with_images(content, message.get("images"), f"messages.{i}")}
         calls = message.get("tool_calls")
         if calls:
             if role != "assistant" or not isinstance(calls, list):
@@ -255,12 +276,14 @@ def generate(body: dict, window: int | None) -> Translated:
                           "system prompt)" if suffix else "raw (a raw prompt is sent as it is, with no template)"))
         if body.get("think") is not None:
             raise invalid("think: a raw or fill-in-the-middle prompt has no chat template to switch thinking in")
+        if body.get("images"):
+            raise invalid("images: a raw or fill-in-the-middle prompt has no chat template to place images in")
         upstream["prompt"] = prompt
         if suffix:
             upstream["suffix"] = suffix
         return Translated(upstream, completion=True, stream=upstream["stream"], keep_alive=keep_alive)
     upstream["messages"] = [*([{"role": "system", "content": system}] if system else []),
-                            {"role": "user", "content": prompt}]
+                            {"role": "user", "content": with_images(prompt, body.get("images"), "")}]
     thinking(body, upstream)
     return Translated(upstream, stream=upstream["stream"], keep_alive=keep_alive)
 

@@ -1,4 +1,4 @@
-"""Puts the disk tier into an imported `mlx_lm.server` (0.32.2), the way `wrapper/model_process` patches
+"""Puts the disk tier into an imported `mlx_lm.server` (0.32.2), the way `wrapper/mlx_lm_entry` patches
 the rest of it; and what the model process reports and does at exit.
 
 Patch points:

@@ -18,7 +18,7 @@ import logging
 
 from ..config import Config
 from ..errors import MlxgateError, Unavailable
-from ..hosts.entries import LOCAL
+from ..host_entries import LOCAL
 from ..hosts.pinning import pinned_context, read_key
 from ..hosts.routing import Chooser
 from ..hosts.view import HostView

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import SETTINGS, Config
-from . import forwarding, hosts, privileged, service, trust
+from . import etc_hosts, forwarding, privileged, service, trust
 
 RECORD = "install.json"
 # What the runtime folder holds that mlxgate made (uninstall removes these; anything else,
@@ -64,7 +64,7 @@ def service_env(config: Config, environ=os.environ) -> dict[str, str]:
 def wanted_steps(config: Config, choices: Choices, platform: str = sys.platform) -> list[privileged.Step]:
     steps: list[privileged.Step] = []
     if config.ssl_domain:
-        steps.append(privileged.HostsEntry(domain=config.ssl_domain, file=str(hosts.HOSTS)))
+        steps.append(privileged.EtcHostsLine(domain=config.ssl_domain, file=str(etc_hosts.HOSTS)))
     if choices.port_forward:
         rules = forwarding.forwards(config.https_port, config.port if choices.forward_http else None)
         kind = privileged.PfForward if platform == "darwin" else privileged.NftForward
@@ -111,7 +111,7 @@ def leftovers(config: Config, platform: str = sys.platform) -> list[privileged.S
     install may have left (found by their files and marks, in case the record is gone)."""
     record = load_record(config.home)
     candidates = [privileged.from_spec(s) for s in record.get("privileged", [])]
-    candidates += [privileged.HostsEntry(domain="", file=str(hosts.HOSTS)),
+    candidates += [privileged.EtcHostsLine(domain="", file=str(etc_hosts.HOSTS)),
                    privileged.PfForward(forwards=[]) if platform == "darwin" else privileged.NftForward(forwards=[])]
     if platform != "darwin":
         candidates.append(privileged.TrustCA(ca=str(config.ssl_path / "ca.pem")))

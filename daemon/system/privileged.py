@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import MlxgateError
-from . import forwarding, hosts, run, trust
+from . import etc_hosts, forwarding, run, trust
 
 
 class Step:
@@ -41,20 +41,21 @@ class Step:
         raise NotImplementedError
 
 
-class HostsEntry(Step):
+class EtcHostsLine(Step):
+    """The marked /etc/hosts line that sends the stood-in domain here (kind kept as written in records)."""
     kind = "hosts"
 
     def describe(self) -> str:
         return f"add `127.0.0.1 {self.spec['domain']}` to {self.spec['file']} (a marked line)"
 
     def apply(self) -> bool:
-        return hosts.add(self.spec["domain"], Path(self.spec["file"]))
+        return etc_hosts.add(self.spec["domain"], Path(self.spec["file"]))
 
     def undo(self) -> None:
-        hosts.remove(Path(self.spec["file"]))
+        etc_hosts.remove(Path(self.spec["file"]))
 
     def present(self) -> bool:
-        return any(hosts.MARK in line for line in hosts.lines(Path(self.spec["file"])))
+        return any(etc_hosts.MARK in line for line in etc_hosts.lines(Path(self.spec["file"])))
 
 
 class _Forwarding(Step):
@@ -186,7 +187,7 @@ class Linger(Step):
         return Path("/var/lib/systemd/linger", self.spec["user"]).exists()
 
 
-STEPS = {cls.kind: cls for cls in (HostsEntry, NftForward, PfForward, TrustCA, Linger)}
+STEPS = {cls.kind: cls for cls in (EtcHostsLine, NftForward, PfForward, TrustCA, Linger)}
 
 
 def from_spec(spec: dict) -> Step:

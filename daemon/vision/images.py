@@ -216,23 +216,33 @@ def _get(split, https: bool, address: str, port: int, deadline: float, timeout: 
 
 
 # ------------------------------------------------------------------ what the bytes are
+def media_type_of(data: bytes, where: str = "image") -> str:
+    """The media type an image's first bytes say; a 400 for anything else."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "image/gif"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    if data[:3] == b"\xff\xd8\xff":
+        return "image/jpeg"
+    raise invalid(f"{where}: the data is not an image: send {', '.join(MEDIA_TYPES)}")
+
+
 def sniff(data: bytes, where: str = "image") -> tuple[str, int, int]:
     """(media type, width, height) from an image's first bytes; a 400 for anything else."""
+    media_type = media_type_of(data, where)
     try:
-        if data.startswith(b"\x89PNG\r\n\x1a\n") and data[12:16] == b"IHDR":
-            width, height = struct.unpack(">II", data[16:24])
-            return "image/png", width, height
-        if data[:6] in (b"GIF87a", b"GIF89a"):
-            width, height = struct.unpack("<HH", data[6:10])
-            return "image/gif", width, height
-        if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-            return ("image/webp", *_webp_size(data))
-        if data[:3] == b"\xff\xd8\xff":
-            return ("image/jpeg", *_jpeg_size(data))
+        if media_type == "image/png" and data[12:16] == b"IHDR":
+            return (media_type, *struct.unpack(">II", data[16:24]))
+        if media_type == "image/gif":
+            return (media_type, *struct.unpack("<HH", data[6:10]))
+        if media_type == "image/webp":
+            return (media_type, *_webp_size(data))
+        if media_type == "image/jpeg":
+            return (media_type, *_jpeg_size(data))
     except (struct.error, IndexError, ValueError):
         pass
-    else:
-        raise invalid(f"{where}: the data is not an image: send {', '.join(MEDIA_TYPES)}")
     raise invalid(f"{where}: the image's header is damaged or cut short")
 
 

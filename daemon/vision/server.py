@@ -31,7 +31,7 @@ from pathlib import Path
 import orjson
 
 from ..errors import RequestRejected
-from ..wrapper.model_process import ALIVE_PATH
+from ..wrapper.mlx_lm_entry import ALIVE_PATH
 from .tokens import capped_max_pixels
 
 log = logging.getLogger("mlxgate.vision")

@@ -1,5 +1,5 @@
 """Less work per generated token in `mlx_lm.server`'s batched loop (mlx-lm 0.32), applied by
-`model_process` the way it applies `join_batch_sooner`: by replacing a few of its parts.
+`mlx_lm_entry` the way it applies `join_batch_sooner`: by replacing a few of its parts.
 Profiled on the same model beside vllm-mlx (8 clients, streamed): `mlx_lm.server` spent
 ~760 µs of CPU per generated token, ~450 with these three; every answer is the same.
 
@@ -35,7 +35,7 @@ Profiled on the same model beside vllm-mlx (8 clients, streamed): `mlx_lm.server
 Kept: every token reaches the client in order (text is only joined into fewer chunks),
 usage, stop sequences, tool-call and reasoning parsing, logprobs for requests that ask,
 non-streamed answers byte for byte, the first token's latency, cancellation (a failed write
-still raises; `model_process.stop_when_client_goes` still sees every item). Changed: a
+still raises; `mlx_lm_entry.stop_when_client_goes` still sees every item). Changed: a
 streamed chunk carries up to `INTERVAL` tokens, at most `MAX_DELAY` seconds late.
 """
 

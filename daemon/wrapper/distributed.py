@@ -4,7 +4,7 @@ With `distributed: {hosts: [...]}` the wrapper starts the dynamic server as a gr
 module runs as the group's head (`python -m mlxgate.wrapper.distributed`), starts
 `mlx.launch` with one rank per address (ring backend by default; addresses other than
 127.0.0.1 are reached with ssh, as `mlx.launch` does), and each rank runs the same
-`model_process` a single server runs. `mx.distributed` joins them; `mlx_lm.server` loads
+`mlx_lm_entry` a single server runs. `mx.distributed` joins them; `mlx_lm.server` loads
 the model with `sharded_load`, tensor parallel unless `pipeline` is set (whether a model
 class can shard is its own business: see docs/scale.md). Rank 0 serves HTTP on this
 machine's port; the others compute.
@@ -14,7 +14,7 @@ secret on stdin, the same readiness probe, the same watchdog (CPU counted over t
 tree), the same state machine. The head passes the secret on (`mlx.launch` hands its
 stdin to every rank) and ties the group to the wrapper: when its stdin closes (the
 wrapper is gone) or it is told to stop, it kills `mlx.launch`, whose ranks then see their
-own stdin close and exit (see `model_process`).
+own stdin close and exit (see `mlx_lm_entry`).
 """
 
 from __future__ import annotations
@@ -27,21 +27,21 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from . import process
+from . import server_process
 
 HEAD = ("-m", "mlxgate.wrapper.distributed")
 
 
 def launcher(settings: dict):
-    """A `launch` function (see `process.launch`) that starts the group `settings` describes."""
+    """A `launch` function (see `server_process.launch`) that starts the group `settings` describes."""
     entry = [*HEAD, "--backend", settings["backend"], "--hosts", ",".join(settings["hosts"]),
              "--starting-port", str(settings["starting_port"]), "--"]
     extra = ["--pipeline"] if settings.get("pipeline") else []
 
-    @functools.wraps(process.launch)
+    @functools.wraps(server_process.launch)
     def launch(model_path: Path, port: int, log_path: Path, extra_args: Sequence[str] = (),
-               **_) -> process.ServerProcess:  # a chat model's group: its own entry
-        return process.launch(model_path, port, log_path, [*extra, *extra_args], entry=entry)
+               **_) -> server_process.ServerProcess:  # a chat model's group: its own entry
+        return server_process.launch(model_path, port, log_path, [*extra, *extra_args], entry=entry)
     return launch
 
 
@@ -49,11 +49,11 @@ def mlx_launch_command(backend: str, hosts: str, starting_port: int, server_args
     launch = "import sys; from mlx._distributed_utils.launch import main; sys.argv[0] = 'mlx.launch'; sys.exit(main())"
     return [sys.executable, "-c", launch, "--backend", backend, "--hosts", hosts,
             "--starting-port", str(starting_port), "--",
-            sys.executable, *process.MODEL_PROCESS, *server_args]
+            sys.executable, *server_process.MLX_LM_ENTRY, *server_args]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .model_process import on_parent_exit, read_secret
+    from .mlx_lm_entry import on_parent_exit, read_secret
 
     parser = argparse.ArgumentParser(prog="mlxgate.wrapper.distributed")
     parser.add_argument("--backend", default="ring")

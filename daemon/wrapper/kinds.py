@@ -9,13 +9,13 @@ from dataclasses import dataclass
 
 from .. import relay_protocol as paths
 from ..model_kinds import CHAT, EMBEDDING, RERANKER, VISION
-from . import process
+from . import server_process
 
 CHAT_PROBE = {"messages": [{"role": "user", "content": "ping"}], "max_tokens": 1, "temperature": 0.0,
               "tools": [{"type": "function", "function": {"name": "ping", "description": "ping",
                                                            "parameters": {"type": "object", "properties": {}}}}]}
-EMBEDDINGS_ENTRY = ("-m", "mlxgate.embeddings.process")
-VISION_ENTRY = ("-m", "mlxgate.vision.process")
+EMBEDDINGS_ENTRY = ("-m", "mlxgate.embeddings.entry")
+VISION_ENTRY = ("-m", "mlxgate.vision.entry")
 VISION_PROBE = {"messages": [{"role": "user", "content": "ping"}], "max_tokens": 1, "temperature": 0.0}
 RERANK_PROBE = {"query": "ping", "documents": ["ping"]}  # a forward pass, for embedding and reranker models alike
 
@@ -30,7 +30,7 @@ class Serving:
 
 
 SERVING: dict[str, Serving] = {
-    CHAT: Serving(process.MODEL_PROCESS, (paths.CHAT, CHAT_PROBE),
+    CHAT: Serving(server_process.MLX_LM_ENTRY, (paths.CHAT, CHAT_PROBE),
                   frozenset({paths.MESSAGES, paths.COUNT_TOKENS, paths.CHAT, paths.COMPLETIONS, paths.RESPONSES,
                              paths.RESPONSE_INPUT_TOKENS, paths.OLLAMA_CHAT, paths.OLLAMA_GENERATE,
                              paths.OLLAMA_SHOW}), True, "a chat model"),

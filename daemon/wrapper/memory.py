@@ -6,7 +6,7 @@
   less 10 % (at least 1 GiB) for the gateway's own programs; elsewhere 70 % of physical memory.
 - **A model's cost**: its weights (the sizes of the safetensors files it loads), plus its
   prompt cache allowance (`prompt_cache`: the bytes of KV cache its server may keep, which
-  `model_process` enforces), plus the process. Before its first load the process is what the
+  `mlx_lm_entry` enforces), plus the process. Before its first load the process is what the
   other models' servers measured beyond their weights (`PROCESS_ESTIMATE` before any was
   measured); once loaded, the model server's measured memory (the larger of its resident set
   and MLX's own count of what it allocated, which is what Metal memory shows as on macOS)

@@ -7,7 +7,7 @@ States and the only transitions allowed between them::
                    ▼  │         ▼
                   failed ◄──────┘   (process died or load failed)
 
-A server serves one model for its whole life (`model_process` refuses any other). Every
+A server serves one model for its whole life (`mlx_lm_entry` refuses any other). Every
 change goes through `_transition`, which checks the table and records the change; a
 server that stops or fails holds no memory in the budget any more (`cost` 0). Loads are
 serialized by one lock: callers asking while a load runs wait for it and share its
@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 from ..catalog import LocalModel, verify_model_folder
 from ..errors import ModelLoadFailed
 from ..net import free_port, port_in_use
-from . import process as processes
+from . import server_process as processes
 from ..model_kinds import CHAT
 from .admission import Admission
 from .kinds import SERVING, Serving

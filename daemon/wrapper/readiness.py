@@ -15,7 +15,7 @@ from typing import Callable
 import requests
 
 from ..errors import ModelLoadFailed, ModelLoadTimeout
-from .process import ServerProcess
+from .server_process import ServerProcess
 
 RETRY_INTERVAL = 0.05  # between connection attempts while the process starts listening
 

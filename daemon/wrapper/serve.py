@@ -1,6 +1,6 @@
 """Run the wrapper under gunicorn: one worker (the model state lives in one process),
 threads for concurrent requests. The fleet is built in the worker and shut down
-with it; the model servers also die with it on SIGKILL (see `model_process`).
+with it; the model servers also die with it on SIGKILL (see `mlx_lm_entry`).
 
 The proxies hand their requests to the relay at its local door (`doors`, a thread per
 connection), not here; this port serves the management routes and the same relay routes

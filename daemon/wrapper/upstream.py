@@ -21,7 +21,7 @@ from ..errors import BackendError, RequestRejected
 from ..json_body import dump
 from ..net import peer_closed
 from .admission import Ticket
-from .process import ServerProcess
+from .server_process import ServerProcess
 
 SILENCE_TICK = 5.0  # seconds of model-server silence after which the caller gets a keep-alive
 

@@ -1,7 +1,7 @@
 """The watchdog: finds a wedged model server, busy or idle, and replaces it.
 
 Every `LOOK_EVERY` seconds it asks each ready server `GET /mlxgate/alive` (see
-`model_process`), which says how long ago the generation loop last went round and whether
+`mlx_lm_entry`), which says how long ago the generation loop last went round and whether
 its thread lives. It needs no waiting client: a server that was stopped (SIGSTOP), hangs or
 deadlocks while idle, or whose every client gave up after a few seconds, is found the same
 way. A server is wedged when its generation thread died (at once), or when for

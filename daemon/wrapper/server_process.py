@@ -21,7 +21,7 @@ import psutil
 
 from ..config import SECRET_VARIABLES
 from ..net import peer_closed
-from .model_process import ALIVE_PATH
+from .mlx_lm_entry import ALIVE_PATH
 
 _ERROR_LINE = re.compile(r"^[\w.]*(Error|Exception|Exit)\b.*")
 # Connections to a model server kept open for the next requests: a new one costs a few tenths
@@ -38,7 +38,7 @@ class ServerProcess:
     popen: subprocess.Popen
     log_path: Path
     log_offset: int
-    secret: str = field(default="", repr=False)  # what a request must carry (`Authorization: Bearer ...`), see `model_process`
+    secret: str = field(default="", repr=False)  # what a request must carry (`Authorization: Bearer ...`), see `mlx_lm_entry`
     port: int = 0
     _spares: list[socket.socket] = field(default_factory=list, repr=False)
     _spares_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -86,7 +86,7 @@ class ServerProcess:
             sock.close()
 
     def alive_report(self, timeout: float = 5.0) -> dict | None:
-        """What the server says of itself (`model_process.report_liveness`); None when it
+        """What the server says of itself (`mlx_lm_entry.report_liveness`); None when it
         does not answer in time."""
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         try:
@@ -166,17 +166,17 @@ class ServerProcess:
         return tail[-1].strip() if tail else "no output"
 
 
-MODEL_PROCESS = ("-m", "mlxgate.wrapper.model_process")
+MLX_LM_ENTRY = ("-m", "mlxgate.wrapper.mlx_lm_entry")
 
 
 def launch(model_path: Path, port: int, log_path: Path, extra_args: Sequence[str] = (),
-           entry: Sequence[str] = MODEL_PROCESS) -> ServerProcess:
+           entry: Sequence[str] = MLX_LM_ENTRY) -> ServerProcess:
     """Start `mlx_lm.server` for `model_path` on 127.0.0.1:`port`, tied to this process
     (`entry`: what python runs; a group's head for a model across machines).
 
     The child gets a pipe on stdin whose write end only we hold: its first line is the
     secret requests must carry; the child exits when the pipe closes, so it cannot outlive
-    us (see `model_process`).
+    us (see `mlx_lm_entry`).
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = log_path.open("ab")

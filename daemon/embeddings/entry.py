@@ -1,9 +1,9 @@
 """Entry point of one embedding or reranker model server process:
 
-    python -m mlxgate.embeddings.process --model DIR --host 127.0.0.1 --port P [--max-batch-tokens N]
+    python -m mlxgate.embeddings.entry --model DIR --host 127.0.0.1 --port P [--max-batch-tokens N]
         [--max-batch-size N] [--kind embedding|reranker]
 
-Its contract with the wrapper is `mlxgate.wrapper.model_process`'s: the first stdin line is the
+Its contract with the wrapper is `mlxgate.wrapper.mlx_lm_entry`'s: the first stdin line is the
 secret every request must carry (`Authorization: Bearer SECRET`, else 403), and the process
 exits at once when stdin closes (the wrapper is gone, however it went). `GET /mlxgate/alive`
 reports the batch worker for the watchdog.
@@ -28,7 +28,7 @@ log = logging.getLogger("mlxgate.embeddings")
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     from .batcher import MAX_BATCH_ROWS, MAX_BATCH_TOKENS
 
-    parser = entry_parser("python -m mlxgate.embeddings.process",
+    parser = entry_parser("python -m mlxgate.embeddings.entry",
                           "Serve one embedding or reranker model to the mlxgate relay.")
     parser.add_argument("--max-batch-tokens", type=int, default=MAX_BATCH_TOKENS,
                         help="rows x longest row of one forward pass (default %(default)s)")

@@ -1,8 +1,8 @@
 """Entry point of one vision model server process:
 
-    python -m mlxgate.vision.process --model DIR --host 127.0.0.1 --port P [--kind vision]
+    python -m mlxgate.vision.entry --model DIR --host 127.0.0.1 --port P [--kind vision]
 
-Its contract with the wrapper is `mlxgate.wrapper.model_process`'s: the first stdin line is the
+Its contract with the wrapper is `mlxgate.wrapper.mlx_lm_entry`'s: the first stdin line is the
 secret every request must carry (`Authorization: Bearer SECRET`, else 403), and the process
 exits at once when stdin closes (the wrapper is gone, however it went). `GET /mlxgate/alive`
 reports the generation worker for the watchdog. The port is bound only once the model has
@@ -21,7 +21,7 @@ log = logging.getLogger("mlxgate.vision")
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = entry_parser("python -m mlxgate.vision.process", "Serve one vision-language model to the mlxgate relay.")
+    parser = entry_parser("python -m mlxgate.vision.entry", "Serve one vision-language model to the mlxgate relay.")
     parser.add_argument("--kind", choices=("vision",), help="the model entry's kind (there is one)")
     parser.add_argument("--max-tokens", type=int, default=8192, help="answer length when a request names none")
     return parser.parse_args(argv)

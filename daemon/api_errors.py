@@ -53,16 +53,22 @@ KINDS: dict[str, Kind] = {
 }
 
 
-def kind_for_status(status: int) -> str:
-    """The kind an HTTP status means, for errors that come from elsewhere (LiteLLM)."""
+def _status_kinds() -> dict[int, str]:
+    """Each status to the first kind in KINDS that answers it (for any API)."""
+    kinds: dict[int, str] = {}
     for kind, spec in KINDS.items():
-        if status in (spec.status, spec.openai_status):
-            return kind
-    return "invalid_request" if 400 <= status < 500 else "api_error"
+        for status in (spec.status, spec.openai_status):
+            if status is not None:
+                kinds.setdefault(status, kind)
+    return kinds
 
 
-def is_anthropic_path(path: str) -> bool:
-    return path.startswith(("/v1/messages", "/messages", "/anthropic"))
+STATUS_KINDS = _status_kinds()
+
+
+def kind_for_status(status: int) -> str:
+    """The kind an HTTP status means, for errors that come from elsewhere (LiteLLM, Flask)."""
+    return STATUS_KINDS.get(status) or ("invalid_request" if 400 <= status < 500 else "api_error")
 
 
 def kind_of(exc: BaseException) -> tuple[str, int | None]:

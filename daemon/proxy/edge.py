@@ -7,26 +7,29 @@ wrapper's relay (`relay_client`), a `litellm:` deployment's to LiteLLM (`cloud`)
 found here are shaped by the one table (`api_errors`) in the client's API format; the
 relay shapes its own. When the client disconnects, the request is cancelled, which
 closes the connection to the relay, which stops the generation.
+
+Where a request goes is the route table's (`route_table`); the status page and its login
+are the browser's (`browser`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import http.cookies
-import ipaddress
 import json
 import logging
 import time
-import urllib.parse
 
-from ..api_errors import ANTHROPIC, OLLAMA, OPENAI, error_response, exception_response, is_anthropic_path, kind_for_status, kind_of
+from ..api_errors import OLLAMA, exception_response, kind_for_status, kind_of
+from ..api_paths import family_of
 from ..config import Config
 from ..credentials import credential, is_key
 from ..errors import MlxgateError
 from ..json_body import parse_object
 from ..relay_protocol import CLIENT_HEADERS, REQUESTED_HEADER
 from ..usage import Record, client_name
-from . import routes, status_page
+from . import route_table, routes
+from .asgi import Request, error, json_reply, reply
+from .browser import Browser
 from .model_list import models
 from .pipeline import Hooks
 from .records import RecordSender
@@ -37,71 +40,79 @@ log = logging.getLogger("mlxgate.proxy")
 
 KEY_HINT = ("invalid or missing API key: send it as `x-api-key` (Anthropic clients) or "
             "`Authorization: Bearer` (OpenAI clients); `mlxgate env` prints it")
+SERVED = ("POST /v1/messages, /v1/messages/count_tokens, /v1/chat/completions, /v1/completions, /v1/responses, "
+          "/v1/responses/input_tokens, /v1/embeddings, /v1/rerank, GET and DELETE /v1/responses/ID and "
+          "GET /v1/models, /metrics, /")
 
 
 class Edge:
     def __init__(self, config: Config, hooks: Hooks | None = None, relay: RelayClient | None = None,
                  cloud=None, stand_in: bool = False, hosts=None):
         self.config = config
-        self.api_key = config.api_key.encode() if config.api_key else None
+        self.api_key = config.api_key.encode() if config.api_key else None  # None: the gateway is open
         self.stand_in = stand_in  # any credential from loopback passes (see `_stand_in_lets_in`)
         self.hooks = hooks or Hooks(config)
         self.relay = relay or RelayClient(config)
         self.cloud = cloud
         self.hosts = hosts  # `HostRouting` when the config lists other machines
         self.records = RecordSender(self.relay.post_bytes, enabled=config.record_usage)
+        self.browser = Browser(self.api_key, self.relay, litellm_ui=cloud is not None)
+        self.table = route_table.edge_table(self, self.browser)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":
             return await self._lifespan(scope, receive, send)
         if scope["type"] != "http":
             return None
-        path = scope.get("path", "").rstrip("/") or "/"
-        method = scope.get("method")
-        api = ANTHROPIC if is_anthropic_path(path) else OPENAI  # the family; a route says its error shape
-        if path in routes.OPEN_PATHS:
-            return await _json(send, 200, b'{"status": "ok"}')
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if method == "GET" and (path == "/" or path.startswith("/static/")):
-            return await self._page(scope, path, headers, send)
-        if path == "/login":
-            return await self._login(scope, method, receive, send)
-        route = routes.POST_ROUTES.get(path) if method == "POST" else None
-        if self.api_key and not (self._authorized(headers) or self._stand_in_lets_in(scope, headers)):
-            if route is not None:
-                self.records.add(Record(api=api, route=route.name, status=401, error="authentication",
-                                        client=client_name(headers.get("user-agent"), headers.get("originator"))))
-            return await _error(send, api, "authentication", KEY_HINT)
-        if route is None:
-            if method == "GET" and path in routes.MODEL_LIST_PATHS:
-                return await self._guarded(send, api, self._models(send))
-            if method == "GET" and path == routes.METRICS_PATH:
-                return await self._guarded(send, api, self._metrics(send))
-            stored = routes.STORED_RESPONSE.match(path) if method in ("GET", "DELETE") else None
-            if stored:
-                query = scope.get("query_string", b"").decode("latin-1")
-                call = self.relay.forward_stored(send, method, stored.group(1) + (f"?{query}" if query else ""))
-                return await self._guarded(send, api, call)
-            if self.cloud is not None:  # LiteLLM's own routes: it reads the body, and its master key opens
-                if not self._authorized(headers):  # its admin routes: the gateway's key, never stand-in
-                    return await _error(send, api, "authentication", KEY_HINT)
-                return await self.cloud.forward_raw(scope, receive, send)
-            return await _error(send, api, "not_found", f"no route {method} {path} here: mlxgate serves "
-                                f"POST /v1/messages, /v1/messages/count_tokens, /v1/chat/completions, "
-                                f"/v1/completions, /v1/responses, /v1/responses/input_tokens, /v1/embeddings, /v1/rerank, "
-                                f"GET and DELETE /v1/responses/ID and GET /v1/models, /metrics, /")
-        return await self.answer(scope, receive, send, route, headers, api)
+        request = Request.of(scope, receive, send)
+        row = self.table.find(request)
+        if row.keyed and not (self._authorized(request.headers) or self._stand_in_lets_in(request)):
+            if row.route is not None:
+                self.records.add(Record(api=family_of(request.api), route=row.route.name, status=401,
+                                        error="authentication", client=_client(request.headers)))
+            return await error(send, request.api, "authentication", KEY_HINT)
+        return await row.handler(request)
 
-    async def answer(self, scope, receive, send, route: routes.Route, headers: dict, family: str) -> None:
-        """Answer one API request of `route` (its key already checked), recorded under the API
-        `family`; the Ollama listener's requests come here too."""
-        record = Record(api=family, route=route.name, client=client_name(headers.get("user-agent"),
-                                                                            headers.get("originator")))
-        tracked = _Tracked(send)
+    # ------------------------------------------------------------------ the route table's handlers
+    async def healthy(self, request: Request) -> None:
+        await json_reply(request.send, 200, b'{"status": "ok"}')
+
+    async def api_request(self, request: Request) -> None:
+        await self.answer(request, family_of(request.api))
+
+    async def model_list(self, request: Request) -> None:
+        await self._guarded(request.send, request.api, self._models(request.send))
+
+    async def metrics(self, request: Request) -> None:
+        await self._guarded(request.send, request.api, self._metrics(request.send))
+
+    async def stored(self, request: Request) -> None:
+        """A stored response (GET, DELETE): the wrapper keeps them; no model, no hooks."""
+        query = request.scope.get("query_string", b"").decode("latin-1")
+        call = self.relay.forward_stored(request.send, request.method,
+                                         request.match.group(1) + (f"?{query}" if query else ""))
+        await self._guarded(request.send, request.api, call)
+
+    async def elsewhere(self, request: Request) -> None:
+        """Any other path: LiteLLM's own routes when it is loaded, else the 404."""
+        if self.cloud is not None:  # its master key opens its admin routes: the gateway's key, never stand-in
+            if not self._authorized(request.headers):
+                return await error(request.send, request.api, "authentication", KEY_HINT)
+            return await self.cloud.forward_raw(request.scope, request.receive, request.send)
+        return await error(request.send, request.api, "not_found",
+                           f"no route {request.method} {request.path} here: mlxgate serves {SERVED}")
+
+    async def answer(self, request: Request, family: str) -> None:
+        """Answer one API request (its key already checked) of `request.route`, in `request.api`'s
+        shape, recorded under the API `family`; the Ollama listener's requests come here too."""
+        route, headers = request.route, request.headers
+        record = Record(api=family, route=route.name, client=_client(headers))
+        tracked = _Tracked(request.send)
         started = time.perf_counter()
         mine = True
         try:
-            mine = await self._request(scope, receive, tracked, route, route.api, headers, record)
+            mine = await self._request(request.scope, request.receive, tracked, route, request.api, headers,
+                                       record)
         except asyncio.CancelledError:
             record.cancelled = True
             mine = record.server != "relay"
@@ -126,7 +137,7 @@ class Edge:
             data = parse_object(body)
         except ValueError as exc:
             record.error = "invalid_request"
-            await _error(send, api, "invalid_request", str(exc))
+            await error(send, api, "invalid_request", str(exc))
             return True
         record.requested_model = str(data.get("model") or "")[:256]
         record.stream = data.get("stream", api == OLLAMA) is True  # Ollama's stream unless it says not
@@ -134,12 +145,12 @@ class Edge:
             ctx = self.hooks.run(route.name, data)
         except MlxgateError as exc:
             record.error = kind_of(exc)[0]
-            await _reply(send, *exception_response(api, exc))
+            await reply(send, *exception_response(api, exc))
             return True
         except Exception as exc:
             log.exception("a plugin failed on %s", route.name)
             record.error = "api_error"
-            await _error(send, api, "api_error", f"a plugin failed ({type(exc).__name__}) on route "
+            await error(send, api, "api_error", f"a plugin failed ({type(exc).__name__}) on route "
                          f"{route.name}; `mlxgate logs proxy` has the traceback")
             return True
         target = ctx.target
@@ -147,7 +158,7 @@ class Edge:
         if not target.local:
             if self.cloud is None or not route.cloud:
                 record.error = "not_found"
-                await _error(send, api, "not_found", f"model {target.model!r} names a LiteLLM deployment, " + (
+                await error(send, api, "not_found", f"model {target.model!r} names a LiteLLM deployment, " + (
                     "but the config's litellm: section lists none" if route.cloud else
                     "which Ollama's API does not reach (it serves local models); send the request to the "
                     "gateway's own port, in the Anthropic or OpenAI API"))
@@ -167,7 +178,7 @@ class Edge:
             complete = await _until_disconnect(call, receive)
         except MlxgateError as exc:
             record.server, record.error = target.via, kind_of(exc)[0]
-            await _reply(send, *exception_response(api, exc))
+            await reply(send, *exception_response(api, exc))
             return True
         if complete is False:  # the relay (or the host) went away mid-answer, its record with it
             record.server, record.error = target.via, "backend_error"
@@ -181,76 +192,23 @@ class Edge:
         except MlxgateError as exc:
             if record is not None:
                 record.error = kind_of(exc)[0]
-            await _reply(send, *exception_response(api, exc))
+            await reply(send, *exception_response(api, exc))
 
     async def _metrics(self, send) -> None:
         text = await self.relay.get_bytes(routes.METRICS_PATH)
-        await _reply(send, 200, [("content-type", "text/plain; version=0.0.4; charset=utf-8"),
-                                 ("content-length", str(len(text)))], text)
-
-    # ------------------------------------------------------------------ the status page
-    def _may_see_page(self, scope, headers: dict) -> bool:
-        if _loopback(scope.get("client")) or not self.api_key:
-            return True
-        cookie = http.cookies.SimpleCookie(headers.get("cookie", ""))
-        given = cookie[status_page.COOKIE].value if status_page.COOKIE in cookie else credential(headers)
-        return is_key(given, self.api_key)
-
-    async def _page(self, scope, path: str, headers: dict, send) -> None:
-        if path.startswith("/static/"):
-            name = path[len("/static/"):]
-            kind = status_page.STATIC_FILES.get(name)
-            if kind is None:
-                return await _error(send, OPENAI, "not_found", f"no file {name!r}")
-            data = status_page.static_file(name)
-            return await _reply(send, 200, [("content-type", kind), ("content-length", str(len(data))),
-                                            ("cache-control", "max-age=86400")], data)
-        if not self._may_see_page(scope, headers):
-            return await _reply(send, 303, [("location", "/login"), ("content-length", "0")], b"")
-        try:
-            data = await self.relay.get_json("/status")
-        except MlxgateError as exc:
-            data = {"servers": {}, "error": str(exc)}
-        links = {"metrics": routes.METRICS_PATH, "models": "/v1/models"}
-        if self.cloud is not None:
-            links["LiteLLM UI"] = "/ui"
-        page = status_page.render(data, links).encode()
-        await _reply(send, 200, [("content-type", "text/html; charset=utf-8"), ("content-length", str(len(page)))],
-                     page)
-
-    async def _login(self, scope, method: str, receive, send) -> None:
-        problem = ""
-        if method == "POST":
-            body = b""
-            more = True
-            while more:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return
-                body += message.get("body", b"")
-                more = message.get("more_body", False) and len(body) < 4096
-            given = (urllib.parse.parse_qs(body.decode("utf-8", "replace")).get("key") or [""])[0]
-            if self.api_key is None or is_key(given, self.api_key):
-                cookie = f"{status_page.COOKIE}={given}; HttpOnly; SameSite=Strict; Path=/"
-                if scope.get("scheme") == "https":
-                    cookie += "; Secure"
-                return await _reply(send, 303, [("location", "/"), ("set-cookie", cookie),
-                                                ("content-length", "0")], b"")
-            problem = "That is not the gateway's key."
-        page = status_page.login_page(problem).encode()
-        await _reply(send, 401 if problem else 200, [("content-type", "text/html; charset=utf-8"),
-                                                     ("content-length", str(len(page)))], page)
+        await reply(send, 200, [("content-type", "text/plain; version=0.0.4; charset=utf-8"),
+                                ("content-length", str(len(text)))], text)
 
     async def _models(self, send) -> None:
         hosted = self.hosts.model_names() if self.hosts is not None else ()
-        await _json(send, 200, json.dumps(await models(self.config, self.relay, hosted)).encode())
+        await json_reply(send, 200, json.dumps(await models(self.config, self.relay, hosted)).encode())
 
     async def _body(self, headers: dict, receive, send, api: str) -> bytes | None:
         """The whole body, or None once an answer (413) was sent or the client left."""
         limit = self.config.max_body
         length = headers.get("content-length")
         if length and length.isdigit() and int(length) > limit:
-            await _error(send, api, "request_too_large", f"request body of {length} bytes is over the limit of {limit}")
+            await error(send, api, "request_too_large", f"request body of {length} bytes is over the limit of {limit}")
             return None
         chunks, size, more = [], 0, True
         while more:
@@ -260,20 +218,20 @@ class Edge:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                await _error(send, api, "request_too_large", f"request body is over the limit of {limit} bytes")
+                await error(send, api, "request_too_large", f"request body is over the limit of {limit} bytes")
                 return None
             chunks.append(chunk)
             more = message.get("more_body", False)
         return b"".join(chunks)
 
     def _authorized(self, headers: dict) -> bool:
-        return is_key(credential(headers), self.api_key)
+        return self.api_key is None or is_key(credential(headers), self.api_key)
 
     # ---- standing in for ssl_domain (stand_in_any_key): the real service's clients send
     # their own API key or OAuth token; on the HTTPS listener, from this machine only, any
     # credential is let in. The HTTP listener and other addresses keep the gateway's key.
-    def _stand_in_lets_in(self, scope, headers: dict) -> bool:
-        return self.stand_in and _loopback(scope.get("client")) and bool(credential(headers))
+    def _stand_in_lets_in(self, request: Request) -> bool:
+        return self.stand_in and request.loopback and bool(credential(request.headers))
 
     async def _lifespan(self, scope, receive, send) -> None:
         if self.cloud is not None:  # LiteLLM loads its deployments at startup
@@ -291,11 +249,8 @@ class Edge:
                 return
 
 
-def _loopback(client) -> bool:
-    try:
-        return ipaddress.ip_address(client[0]).is_loopback
-    except (TypeError, IndexError, ValueError):
-        return False
+def _client(headers: dict) -> str:
+    return client_name(headers.get("user-agent"), headers.get("originator"))
 
 
 class _Tracked:
@@ -335,21 +290,6 @@ async def _until_disconnect(call, receive):
             return None
     finally:
         watcher.cancel()
-
-
-async def _reply(send, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(k.encode(), v.encode()) for k, v in headers]})
-    await send({"type": "http.response.body", "body": body})
-
-
-async def _error(send, api: str, kind: str, message: str) -> None:
-    await _reply(send, *error_response(api, kind, message))
-
-
-async def _json(send, status: int, payload: bytes) -> None:
-    await _reply(send, status, [("content-type", "application/json"), ("content-length", str(len(payload)))],
-                 payload)
 
 
 def build(config: Config, https: bool = False) -> Edge:

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import json
 
-from ..api_errors import OLLAMA, OPENAI, error_response
+from ..api_errors import OLLAMA, OPENAI
+from ..api_paths import api_of
 from ..errors import MlxgateError
 from ..json_body import parse_object
 from ..ollama import models as ollama_models
 from . import routes
-from .edge import Edge, _error, _json, _loopback, _reply
+from .asgi import Request, error, json_reply, reply
+from .edge import Edge
 
 HOST = "127.0.0.1"  # loopback only: there is no key to ask for
 VERSION = "0.12.0"  # the Ollama API version whose routes and shapes are served here
@@ -42,38 +44,38 @@ class OllamaEdge:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":  # the lifespan is the main edge's (`server`)
             return None
-        if not _loopback(scope.get("client")):
-            return await _error(send, OLLAMA, "permission", "Ollama's API is served to this machine only "
-                                "(127.0.0.1, no key); from elsewhere use the gateway's own port with its key")
-        path = scope.get("path", "").rstrip("/") or "/"
-        method = scope.get("method")
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        request = Request.of(scope, receive, send)
+        if not request.loopback:
+            return await error(send, OLLAMA, "permission", "Ollama's API is served to this machine only "
+                               "(127.0.0.1, no key); from elsewhere use the gateway's own port with its key")
+        path, method = request.path, request.method
         route = routes.OLLAMA_POST_ROUTES.get(path)
         if route is not None and method == "POST":
-            return await self.edge.answer(scope, receive, send, route, headers, OLLAMA)
+            request.route, request.api = route, api_of(path)
+            return await self.edge.answer(request, OLLAMA)
         if path in OPENAI_COMPATIBLE and method == "POST":
-            route = routes.POST_ROUTES[path]
-            return await self.edge.answer(scope, receive, send, route, headers, route.api)
+            request.route, request.api = routes.POST_ROUTES[path], api_of(path)
+            return await self.edge.answer(request, request.api)
         if path in routes.MODEL_LIST_PATHS and method == "GET":
             return await self.edge._guarded(send, OPENAI, self.edge._models(send))
         if path == "/" and method in ("GET", "HEAD"):
-            return await _reply(send, 200, [("content-type", "text/plain; charset=utf-8"),
-                                            ("content-length", str(len(RUNNING)))],
-                                b"" if method == "HEAD" else RUNNING)
+            return await reply(send, 200, [("content-type", "text/plain; charset=utf-8"),
+                                           ("content-length", str(len(RUNNING)))],
+                               b"" if method == "HEAD" else RUNNING)
         if method == "GET" and path == "/api/version":
-            return await _json(send, 200, json.dumps({"version": VERSION}).encode())
+            return await json_reply(send, 200, json.dumps({"version": VERSION}).encode())
         if method == "GET" and path in ("/api/tags", "/api/ps"):
             try:
                 listed = await self.edge.relay.get_json("/models")
             except MlxgateError as exc:
-                return await _error(send, OLLAMA, "unavailable", str(exc))
+                return await error(send, OLLAMA, "unavailable", str(exc))
             answer = (ollama_models.tags(listed.get("models") or []) if path == "/api/tags"
                       else ollama_models.ps(listed.get("servers") or {}))
-            return await _json(send, 200, json.dumps(answer).encode())
+            return await json_reply(send, 200, json.dumps(answer).encode())
         if path in routes.OLLAMA_WRITES or path.startswith("/api/blobs/"):
-            return await self._refuse_write(path, headers, receive, send)
-        return await _error(send, OLLAMA, "not_found", f"no route {method} {path} here: mlxgate serves "
-                            f"Ollama's {SERVED}")
+            return await self._refuse_write(path, request.headers, receive, send)
+        return await error(send, OLLAMA, "not_found", f"no route {method} {path} here: mlxgate serves "
+                           f"Ollama's {SERVED}")
 
     async def _refuse_write(self, path: str, headers: dict, receive, send) -> None:
         body = await self.edge._body(headers, receive, send, OLLAMA)
@@ -93,4 +95,4 @@ class OllamaEdge:
             message = (f"{path} is not served here: mlxgate's models are folders on this machine (`mlxgate "
                        f"models` lists them, `mlxgate download NAME` adds one), not Ollama's store, so they are "
                        f"not created, copied, pushed or deleted through Ollama's API")
-        await _reply(send, *error_response(OLLAMA, "invalid_request", message))
+        await error(send, OLLAMA, "invalid_request", message)

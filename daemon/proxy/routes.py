@@ -1,5 +1,5 @@
-"""The API routes the edge answers itself: which hook route each is, which error shape
-its clients read, and where the relay takes it."""
+"""The API routes the edge answers itself: which hook route each is and where the relay
+takes it (whose error shape its clients read is the path's, `api_paths`)."""
 
 from __future__ import annotations
 
@@ -7,25 +7,23 @@ import re
 from dataclasses import dataclass
 
 from .. import relay_protocol as relay
-from ..api_errors import ANTHROPIC, OLLAMA, OPENAI, RESPONSES as RESPONSES_API
 
 
 @dataclass(frozen=True)
 class Route:
     name: str        # the hooks' `ctx.route`
-    api: str         # whose error shape its clients read
     relay_path: str  # the relay's route, after /relay
     cloud: bool = True  # a `litellm:` deployment can answer it (LiteLLM serves this API)
 
 
-MESSAGES = Route("anthropic_messages", ANTHROPIC, relay.MESSAGES)
-COUNT_TOKENS = Route("count_tokens", ANTHROPIC, relay.COUNT_TOKENS)
-CHAT = Route("chat_completions", OPENAI, relay.CHAT)
-COMPLETIONS = Route("completions", OPENAI, relay.COMPLETIONS)
-RESPONSES = Route("responses", RESPONSES_API, relay.RESPONSES)
-RESPONSE_INPUT_TOKENS = Route("responses_input_tokens", OPENAI, relay.RESPONSE_INPUT_TOKENS)
-EMBEDDINGS = Route("embeddings", OPENAI, relay.EMBEDDINGS)
-RERANK = Route("rerank", OPENAI, relay.RERANK)  # the Cohere / Jina / vLLM shape
+MESSAGES = Route("anthropic_messages", relay.MESSAGES)
+COUNT_TOKENS = Route("count_tokens", relay.COUNT_TOKENS)
+CHAT = Route("chat_completions", relay.CHAT)
+COMPLETIONS = Route("completions", relay.COMPLETIONS)
+RESPONSES = Route("responses", relay.RESPONSES)
+RESPONSE_INPUT_TOKENS = Route("responses_input_tokens", relay.RESPONSE_INPUT_TOKENS)
+EMBEDDINGS = Route("embeddings", relay.EMBEDDINGS)
+RERANK = Route("rerank", relay.RERANK)  # the Cohere / Jina / vLLM shape
 
 # POST paths (without a trailing slash; a query string such as ?beta=true is ignored)
 POST_ROUTES = {
@@ -53,15 +51,15 @@ METRICS_PATH = "/metrics"  # key required; the wrapper's counts, whichever liste
 OPEN_PATHS = ("/health/liveliness", "/health/liveness", "/health/readiness")  # no key needed
 
 # Ollama's API, on its own listener (`ollama_port`, loopback, no key; see `ollama_edge`)
-OLLAMA_CHAT = Route("ollama_chat", OLLAMA, relay.OLLAMA_CHAT, cloud=False)
-OLLAMA_GENERATE = Route("ollama_generate", OLLAMA, relay.OLLAMA_GENERATE, cloud=False)
-OLLAMA_EMBED = Route("ollama_embed", OLLAMA, relay.OLLAMA_EMBED, cloud=False)
-OLLAMA_SHOW = Route("ollama_show", OLLAMA, relay.OLLAMA_SHOW, cloud=False)
+OLLAMA_CHAT = Route("ollama_chat", relay.OLLAMA_CHAT, cloud=False)
+OLLAMA_GENERATE = Route("ollama_generate", relay.OLLAMA_GENERATE, cloud=False)
+OLLAMA_EMBED = Route("ollama_embed", relay.OLLAMA_EMBED, cloud=False)
+OLLAMA_SHOW = Route("ollama_show", relay.OLLAMA_SHOW, cloud=False)
 OLLAMA_POST_ROUTES = {
     "/api/chat": OLLAMA_CHAT,
     "/api/generate": OLLAMA_GENERATE,
     "/api/embed": OLLAMA_EMBED,
-    "/api/embeddings": Route("ollama_embed", OLLAMA, relay.OLLAMA_EMBEDDINGS, cloud=False),  # the older form
+    "/api/embeddings": Route("ollama_embed", relay.OLLAMA_EMBEDDINGS, cloud=False),  # the older form
     "/api/show": OLLAMA_SHOW,
 }
 # Ollama's model store: the gateway's models are folders on this machine, not Ollama's

@@ -1,8 +1,9 @@
 """The wrapper's HTTP API (Flask): the management routes (list, load, unload models) and
 the relay's routes (`/relay/...`, see `relay`).
 
-Errors are shaped by the one table (`api_errors`): the relay's Anthropic routes in
-Anthropic's shape, everything else in OpenAI's ``{"error": {"message", "type", "code"}}``.
+Errors are shaped by the one table (`api_errors`), in the shape of the path's API (`api_paths`):
+the relay's Anthropic and Ollama routes in theirs, everything else in OpenAI's
+``{"error": {"message", "type", "code"}}``.
 When an API key is configured every route but ``/health`` requires it
 (``Authorization: Bearer KEY`` or ``x-api-key``).
 """
@@ -14,7 +15,8 @@ import logging
 from flask import Flask, Response, abort, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from ..api_errors import OPENAI, error_response, exception_response
+from ..api_errors import OPENAI, error_response, exception_response, kind_for_status
+from ..api_paths import api_of
 from ..errors import MlxgateError, invalid
 from ..json_body import parse_object
 from ..relay_protocol import RELAY_PREFIX, STORED_RESPONSES
@@ -24,17 +26,12 @@ from .exchange import Call
 from .fleet import Fleet
 from .metrics import Metrics
 from .recorder import Recorder
-from .relay import Relay, api_of
+from .relay import Relay
 
 log = logging.getLogger("mlxgate.wrapper")
 
 MANAGEMENT_BODY = 64 * 1024  # /models/...; the relay (/relay/...) takes up to max_body
 RECORDS_BODY = 4 * 1024 * 1024  # /usage/records: a batch from a proxy program
-HTTP_KINDS = {401: "authentication", 404: "not_found", 405: "invalid_request", 413: "request_too_large"}
-
-
-def _api() -> str:
-    return api_of(request.path)
 
 
 def _reply(status: int, headers: list, body: bytes) -> Response:
@@ -57,7 +54,7 @@ def create_app(fleet: Fleet, relay: Relay, api_key: str | None = None, metrics: 
 
     @app.before_request
     def require_key():
-        refused = access.refusal(api_key, request.path, request.headers, _api())
+        refused = access.refusal(api_key, request.path, request.headers, api_of(request.path))
         return _reply(*refused) if refused else None
 
     def body() -> dict:
@@ -129,17 +126,17 @@ def create_app(fleet: Fleet, relay: Relay, api_key: str | None = None, metrics: 
     @app.errorhandler(MlxgateError)
     def refused(exc: MlxgateError):
         log.warning("%s %s: %s", request.method, request.path, exc)
-        return _reply(*exception_response(_api(), exc))
+        return _reply(*exception_response(api_of(request.path), exc))
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
-        kind = HTTP_KINDS.get(exc.code or 500, "invalid_request" if (exc.code or 500) < 500 else "api_error")
-        return _reply(*error_response(_api(), kind, f"{exc.name}: {exc.description}", exc.code))
+        return _reply(*error_response(api_of(request.path), kind_for_status(exc.code or 500),
+                                      f"{exc.name}: {exc.description}", exc.code))
 
     @app.errorhandler(Exception)
     def internal(exc: Exception):
         log.exception("unexpected error in %s %s", request.method, request.path)
-        return _reply(*error_response(_api(), "api_error", f"internal error ({type(exc).__name__}); "
-                                                           f"see `mlxgate logs wrapper`"))
+        return _reply(*error_response(api_of(request.path), "api_error",
+                                      f"internal error ({type(exc).__name__}); see `mlxgate logs wrapper`"))
 
     return app

@@ -40,13 +40,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote
 
+from ..api_paths import api_of
 from ..certs import listener_context
 from ..config import Config
 from ..errors import MlxgateError
 from ..relay_protocol import CA_PATH, door_path
 from . import access
 from .exchange import Answer, Call
-from .relay import Relay, api_of
+from .relay import Relay
 
 log = logging.getLogger("mlxgate.wrapper")
 # A connection that sends nothing for this long (no handshake, no next request), or takes

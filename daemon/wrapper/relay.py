@@ -43,7 +43,7 @@ from functools import partial
 from typing import Callable, Iterator
 
 from .. import relay_protocol as paths
-from ..api_errors import ANTHROPIC, OLLAMA, OPENAI, error_body, error_event, error_response, exception_response, kind_of
+from ..api_errors import OPENAI, error_body, error_event, error_response, exception_response, kind_of
 from ..errors import BackendError, MlxgateError, RequestRejected, Unavailable
 from ..json_body import dump, parse_object
 from ..model_kinds import VISION
@@ -67,13 +67,6 @@ LOAD_RETRIES = 10
 RELAY_PATH = re.compile(re.escape(paths.RELAY_PREFIX) + r"(/v1/[a-z_/]+)")
 STORED_PATH = re.compile(paths.STORED_RESPONSES + r"/([^/]+)(/input_items)?")
 JSON = ("content-type", "application/json")
-
-
-def api_of(path: str) -> str:
-    """Whose error shape a relay path answers in (Anthropic's for /v1/messages...)."""
-    match = RELAY_PATH.fullmatch(path)
-    row = apis.ROWS.get(match.group(1)) if match else None
-    return row.api if row is not None and row.api in (ANTHROPIC, OLLAMA) else OPENAI
 
 
 @dataclass

@@ -194,7 +194,7 @@ def test_ollamas_images_field_reaches_the_vision_model_in_chat_and_generate(gw):
     plain = client.chat(model="tiny-vl", messages=[{"role": "user", "content": ask}], options={"num_predict": 2})
     seen = client.chat(model="tiny-vl", messages=[{"role": "user", "content": ask, "images": [png(448, 448)]}],
                        options={"num_predict": 2})
-    assert seen.message.content and seen.eval_count == 2
+    assert seen.eval_count == 2 and seen.done_reason == "length"
     assert seen.prompt_eval_count - plain.prompt_eval_count == image_tokens(gw.models / "tiny-vl", 448, 448)
     generated = client.generate(model="tiny-vl", prompt=ask, images=[PNG], options={"num_predict": 2})
     words = client.generate(model="tiny-vl", prompt=ask, options={"num_predict": 2})
@@ -202,6 +202,9 @@ def test_ollamas_images_field_reaches_the_vision_model_in_chat_and_generate(gw):
     with pytest.raises(ollama.ResponseError) as refused:
         client.chat(model="tiny-vl", messages=[{"role": "user", "content": ask, "images": ["aGk="]}])
     assert refused.value.status_code == 400 and "messages.0.images.0: the data is not an image" in refused.value.error
+    with pytest.raises(ollama.ResponseError) as refused:
+        client.generate(model="tiny-vl", prompt=ask, raw=True)
+    assert refused.value.status_code == 400 and "not raw or fill-in-the-middle" in refused.value.error
 
 
 def test_a_tool_result_with_an_image_reaches_the_model(gw):

@@ -289,6 +289,9 @@ def _ollama(ctx: Context, body: dict, translated: ollama_request.Translated, cha
         return Plan(OLLAMA, upstream, paths.CHAT, False, lambda _: answer.nothing(reason), lambda _: b"",
                     keep_alive=translated.keep_alive, loads=reason == "load", generates=False)
     if translated.completion:
+        if ctx.kind == VISION:
+            raise RequestRejected(400, f"model {ctx.model.name!r} is a vision model: it answers prompts in its chat "
+                                       f"template, not raw or fill-in-the-middle ones")
         check_completion(upstream)
         if upstream.get("suffix") is not None:
             fill_in_the_middle(ctx, upstream)

@@ -39,7 +39,8 @@ SERVING: dict[str, Serving] = {
                                   paths.OLLAMA_SHOW}), False, "an embedding model"),
     VISION: Serving(VISION_ENTRY, (paths.CHAT, VISION_PROBE),
                     frozenset({paths.MESSAGES, paths.COUNT_TOKENS, paths.CHAT, paths.RESPONSES,
-                               paths.RESPONSE_INPUT_TOKENS, paths.OLLAMA_SHOW}), False, "a vision model"),
+                               paths.RESPONSE_INPUT_TOKENS, paths.OLLAMA_CHAT, paths.OLLAMA_GENERATE,
+                               paths.OLLAMA_SHOW}), False, "a vision model"),
     RERANKER: Serving(EMBEDDINGS_ENTRY, (paths.RERANK, RERANK_PROBE), frozenset({paths.RERANK, paths.OLLAMA_SHOW}),
                       False, "a reranker"),
 }
@@ -57,6 +58,6 @@ def refusal(kind: str, name: str, api_path: str) -> str | None:
     if api_path in how.routes:
         return None
     where = {EMBEDDING: "POST /v1/embeddings (or /v1/rerank, Ollama's /api/embed)", RERANKER: "POST /v1/rerank",
-             VISION: "the chat, messages and responses routes (with images)"}.get(
+             VISION: "the chat, messages and responses routes (with images; Ollama's /api/chat and /api/generate)"}.get(
         kind, "the chat, completions, messages or responses routes (Ollama's /api/chat and /api/generate)")
     return f"model {name!r} is {how.what}: it answers {where}, not {api_path}"

@@ -30,9 +30,10 @@ from test_agent_matrix import AFTER, AGENTS, BEFORE, Session, loop_requests  # n
 APIS = {"anthropic_messages": "messages", "chat_completions": "chat", "responses": "responses"}
 
 
-def newest(package: str) -> str:
+def newest(package: str, python: str | None = None) -> str:
+    """The newest version the registry serves (PyPI: for the Python the agent's venv is made from)."""
     if package.startswith("pypi:"):
-        shown = subprocess.run([PYTHON, "-m", "pip", "index", "versions", package[5:]], capture_output=True,
+        shown = subprocess.run([python or PYTHON, "-m", "pip", "index", "versions", package[5:]], capture_output=True,
                                text=True).stdout
         return shown.split("(", 1)[1].split(")", 1)[0] if "(" in shown else "?"
     return subprocess.run(["npm", "view", package, "version"], capture_output=True, text=True).stdout.strip() or "?"
@@ -76,12 +77,12 @@ def main() -> None:
     models = work / "models"
     models.mkdir()
     gateway = Gateway(work, [models], "--max-tokens", "4096")
-    table = []
+    print(f"{'agent':14} {'version':10} {'API':10} {'loop':>4} {'edit':10} {'cache':>6} {'s':>5}", flush=True)
     try:
         for name in args.agents:
             agent = AGENTS[name]
             if not args.pinned:
-                agent = replace(agent, version=newest(agent.package))
+                agent = replace(agent, version=newest(agent.package, agent.python))
             started = time.monotonic()
             folder, home, task = work / f"{name}-pkg", work / f"{name}-home", work / f"{name}-work"
             for path in (home, task):
@@ -89,7 +90,10 @@ def main() -> None:
             try:
                 binary = install(agent, folder)
             except subprocess.CalledProcessError as e:
-                table.append((name, agent.version, "-", "-", f"install failed: {(e.stderr or b'')[-80:]!r}", "-", "-"))
+                show((name, agent.version, "-", "-", f"install failed: {(e.stderr or b'')[-80:]!r}", "-", "-"))
+                continue
+            if not Path(binary).exists():
+                show((name, agent.version, "-", "-", f"installed, but no {agent.command} executable", "-", "-"))
                 continue
             (task / "hello.txt").write_text(BEFORE)
             model = f"edit-{name}"
@@ -106,15 +110,17 @@ def main() -> None:
             loop = loop_requests(rows) if rows else []
             shares = [r["cached_tokens"] / max(1, r["cached_tokens"] + r["input_tokens"]) for r in loop[1:]]
             edited = (task / "hello.txt").read_text() == AFTER
-            table.append((name, agent.version, ",".join(sorted({APIS.get(r["route"], r["route"]) for r in rows})) or "-",
-                          str(len(loop)), ("yes" if edited else "NO") + ("" if result.returncode == 0
-                                                                         else f" (exit {result.returncode})"),
-                          f"{min(shares):.0%}" if shares else "-", f"{time.monotonic() - started:.0f}"))
+            show((name, agent.version, ",".join(sorted({APIS.get(r["route"], r["route"]) for r in rows})) or "-",
+                  str(len(loop)), ("yes" if edited else "NO") + ("" if result.returncode == 0
+                                                                 else f" (exit {result.returncode})"),
+                  f"{min(shares):.0%}" if shares else "-", f"{time.monotonic() - started:.0f}"))
     finally:
         gateway.stop()
-    print(f"{'agent':14} {'version':10} {'API':10} {'loop':>4} {'edit':10} {'cache':>6} {'s':>5}")
-    for row in table:
-        print(f"{row[0]:14} {row[1]:10} {row[2]:10} {row[3]:>4} {row[4]:10} {row[5]:>6} {row[6]:>5}")
+
+
+def show(row: tuple) -> None:
+    """One agent's row, printed as soon as it is known (the whole matrix takes a while)."""
+    print(f"{row[0]:14} {row[1]:10} {row[2]:10} {row[3]:>4} {row[4]:10} {row[5]:>6} {row[6]:>5}", flush=True)
 
 
 if __name__ == "__main__":

@@ -311,9 +311,13 @@ def _launch_target(config: Config, agent: str, https: bool, model: str | None):
     if not main:
         raise MlxgateError("no model to launch with: pass --model NAME or set default_model")
     ca = config.ssl_path / "ca.pem"
+    trusted = https and ca.exists()
+    if trusted:
+        from .certs import write_bundle
     return Target(config.https_url if https else config.http_url, config.api_key, main,
                   model or config.autocomplete_model or main, _context_window(config, main),
-                  config.home / "launch" / agent, ca if https and ca.exists() else None)
+                  config.home / "launch" / agent, ca if trusted else None,
+                  write_bundle(ca, config.home / "ca-bundle.pem") if trusted else None)
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})

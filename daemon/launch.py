@@ -34,6 +34,7 @@ class Target:
     window: int | None   # the main model's context window, when known
     folder: Path         # a config folder for this agent, under the runtime folder
     ca: Path | None = None  # the local authority, for an HTTPS url
+    bundle: Path | None = None  # certifi's roots plus that authority (for variables that replace the roots)
 
     @property
     def v1(self) -> str:
@@ -60,7 +61,8 @@ def node_ca(t: Target) -> dict[str, str]:
 
 def python_ca(t: Target) -> dict[str, str]:
     """A Python agent (httpx, requests) trusts the local authority of an HTTPS listener."""
-    return {"SSL_CERT_FILE": str(t.ca), "REQUESTS_CA_BUNDLE": str(t.ca)} if t.ca else {}
+    trusted = t.bundle or t.ca  # these variables replace the roots: the bundle keeps the internet's
+    return {"SSL_CERT_FILE": str(trusted), "REQUESTS_CA_BUNDLE": str(trusted)} if trusted else {}
 
 
 def claude(t: Target) -> Setup:
@@ -254,9 +256,14 @@ def set_up(agent: str, setup: Setup) -> None:
     """Run the agent's own set-up commands (its executable found on PATH as for the run)."""
     import subprocess
 
+    import os
+
     for command in setup.first:
-        done = subprocess.run([executable(agent), *command[1:]], capture_output=True, text=True, timeout=120,
-                              stdin=subprocess.DEVNULL)
+        try:
+            done = subprocess.run([executable(agent), *command[1:]], capture_output=True, text=True, timeout=120,
+                                  stdin=subprocess.DEVNULL, env={**os.environ, **setup.env})
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise MlxgateError(f"`{command[0]} {command[1]}` (setting {agent} up) did not finish: {exc}") from None
         if done.returncode != 0:
             raise MlxgateError(f"`{command[0]} {command[1]}` (setting {agent} up) failed ({done.returncode}): "
                                f"{(done.stderr or done.stdout).strip()[-800:]}")

@@ -199,6 +199,8 @@ def test_ollamas_images_field_reaches_the_vision_model_in_chat_and_generate(gw):
     generated = client.generate(model="tiny-vl", prompt=ask, images=[PNG], options={"num_predict": 2})
     words = client.generate(model="tiny-vl", prompt=ask, options={"num_predict": 2})
     assert generated.prompt_eval_count - words.prompt_eval_count == image_tokens(gw.models / "tiny-vl", 64, 64)
+    assert client.generate(model="tiny-vl", prompt="", images=[PNG], options={"num_predict": 2}).eval_count == 2, \
+        "an image with no words is a question, not a load"
     with pytest.raises(ollama.ResponseError) as refused:
         client.chat(model="tiny-vl", messages=[{"role": "user", "content": ask, "images": ["aGk="]}])
     assert refused.value.status_code == 400 and "messages.0.images.0: the data is not an image" in refused.value.error

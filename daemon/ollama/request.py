@@ -41,7 +41,7 @@ FIELDS_UNHONOURED = {"template": ((None, ""), "a prompt template of the request'
 # taken with no effect: they matter only past the model's window, where the gateway refuses the prompt
 # (a 400) and stops the answer at the window instead of truncating or shifting
 WINDOW_FIELDS = ("truncate", "shift")
-CHAT_FIELDS = {"model", "messages", "tools", "format", "options", "stream", "think", "keep_alive",
+CHAT_FIELDS = {"model", "messages", "tools", "format", "options", "stream", "think", "keep_alive", "images",
                *FIELDS_UNHONOURED, *WINDOW_FIELDS}
 GENERATE_FIELDS = {"model", "prompt", "suffix", "system", "raw", "format", "options", "stream", "think",
                    "keep_alive", "images", *FIELDS_UNHONOURED, *WINDOW_FIELDS}
@@ -189,7 +189,7 @@ def with_images(text: str, images: Any, where: str) -> str | list[dict]:
         if not isinstance(data, str) or not data:
             raise invalid(f"{at}.{j}: Input should be a base64 string of an image's bytes")
         try:
-            head = base64.b64decode(data[:4096 - 4096 % 4] if len(data) > 4096 else data, validate=True)
+            head = base64.b64decode(data[:4096], validate=True)  # the type is in the first bytes
         except (binascii.Error, ValueError):
             raise invalid(f"{at}.{j}: not base64") from None
         media_type = images_.media_type_of(head, f"{at}.{j}")
@@ -243,6 +243,8 @@ def _messages(messages: Any) -> list[dict]:
 def chat(body: dict, window: int | None) -> Translated:
     """`POST /api/chat`; an empty `messages` asks for nothing but a load (or an unload)."""
     check_fields(body, CHAT_FIELDS, "/api/chat")
+    if body.get("images"):
+        raise invalid("images: /api/chat takes a message's images (messages[].images), not the request's")
     upstream = _common(body, window)
     messages = _messages(body.get("messages") if body.get("messages") is not None else [])
     keep_alive = keep_alive_of(body)
@@ -268,7 +270,7 @@ def generate(body: dict, window: int | None) -> Translated:
     raw = body.get("raw", False)
     if not isinstance(raw, bool):
         raise invalid(f"raw: Input should be a valid boolean, got {shown(raw)}")
-    if not prompt and not suffix:
+    if not prompt and not suffix and not body.get("images"):
         return Translated(upstream, stream=False, keep_alive=keep_alive, nothing=True)
     if suffix or raw:
         if system:

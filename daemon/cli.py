@@ -310,14 +310,20 @@ def _launch_target(config: Config, agent: str, https: bool, model: str | None):
     main = model or config.default_model
     if not main:
         raise MlxgateError("no model to launch with: pass --model NAME or set default_model")
-    ca = config.ssl_path / "ca.pem"
-    trusted = https and ca.exists()
-    if trusted:
-        from .certs import write_bundle
+    ca, bundle = _authority(config, https)
     return Target(config.https_url if https else config.http_url, config.api_key, main,
                   model or config.autocomplete_model or main, _context_window(config, main),
-                  config.home / "launch" / agent, ca if trusted else None,
-                  write_bundle(ca, config.home / "ca-bundle.pem") if trusted else None)
+                  config.home / "launch" / agent, ca, bundle)
+
+
+def _authority(config: Config, wanted: bool) -> tuple[Path | None, Path | None]:
+    """The local authority and certifi's roots with it (for CA variables that replace the roots),
+    when `wanted` and the authority exists; else (None, None)."""
+    ca = config.ssl_path / "ca.pem"
+    if not (wanted and ca.exists()):
+        return None, None
+    from .certs import write_bundle
+    return ca, write_bundle(ca, config.home / "ca-bundle.pem")
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
@@ -375,10 +381,8 @@ def env(https: bool, codex: bool, agent: str | None, model: str | None) -> int:
     print(f"export OPENAI_API_KEY={config.api_key}")
     if config.ollama_port:
         print(f"export OLLAMA_HOST=127.0.0.1:{config.ollama_port}")  # Ollama's clients; no key there
-    ca = config.ssl_path / "ca.pem"
-    if (https or config.enable_https) and ca.exists():
-        from .certs import write_bundle
-        bundle = write_bundle(ca, config.home / "ca-bundle.pem")
+    ca, bundle = _authority(config, https or config.enable_https)
+    if ca:
         print(f"export NODE_EXTRA_CA_CERTS={ca}")  # Node adds these to its own roots
         print(f"export SSL_CERT_FILE={bundle}")  # these replace the roots: certifi's plus ours
         print(f"export REQUESTS_CA_BUNDLE={bundle}")

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -61,8 +63,8 @@ def node_ca(t: Target) -> dict[str, str]:
 
 def python_ca(t: Target) -> dict[str, str]:
     """A Python agent (httpx, requests) trusts the local authority of an HTTPS listener."""
-    trusted = t.bundle or t.ca  # these variables replace the roots: the bundle keeps the internet's
-    return {"SSL_CERT_FILE": str(trusted), "REQUESTS_CA_BUNDLE": str(trusted)} if trusted else {}
+    # these variables replace the roots: the bundle keeps the internet's
+    return {"SSL_CERT_FILE": str(t.bundle), "REQUESTS_CA_BUNDLE": str(t.bundle)} if t.bundle else {}
 
 
 def claude(t: Target) -> Setup:
@@ -254,10 +256,6 @@ def executable(agent: str) -> str:
 
 def set_up(agent: str, setup: Setup) -> None:
     """Run the agent's own set-up commands (its executable found on PATH as for the run)."""
-    import subprocess
-
-    import os
-
     for command in setup.first:
         try:
             done = subprocess.run([executable(agent), *command[1:]], capture_output=True, text=True, timeout=120,

@@ -2,7 +2,8 @@
 one process, same model, same image, same run; and the vision model server's memory.
 
 - mlx-vlm direct: `mlx_vlm.load` + `stream_generate` in this process, the prompt rendered by the
-  model's chat template with one image;
+  model's chat template with one image; the clock starts with the image as its file's bytes (its
+  decoding is counted, as any server counts it);
 - mlxgate: `POST /v1/chat/completions` streamed, the image as a data URL, through the proxy, the
   relay (image checks and counting) and the vision model's server.
 
@@ -58,8 +59,8 @@ def direct(folder: Path, image: bytes, runs: int) -> list[float]:
                                                                          {"type": "image"}]}], True)
     times = []
     for _ in range(runs + 1):  # the first warms up
-        picture = Image.open(io.BytesIO(image)).convert("RGB")
         began = time.perf_counter()
+        picture = Image.open(io.BytesIO(image)).convert("RGB")  # from the file's bytes, as a server must
         for _ in stream_generate(model, processor, prompt, image=[picture], max_tokens=4, temperature=0.0):
             times.append((time.perf_counter() - began) * 1000)
             break

@@ -732,8 +732,12 @@ def demo_model(folder: str, seed: int, layers: int, hidden: int, context: int, s
         from .demo_embedding import build
 
         started = time.monotonic()
-        build(Path(folder).expanduser(), kind, seed)
-        print(f"built a tiny random-weight {kind} model in {folder} in {time.monotonic() - started:.1f} s. "
+        try:
+            build(Path(folder).expanduser(), kind, seed, hidden, layers)
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+        print(f"built a random-weight {kind} model ({layers} layers, hidden {hidden}) in {folder} in "
+              f"{time.monotonic() - started:.1f} s. "
               f"Serve it: put it under a model directory (model_dirs) and ask /v1/"
               f"{'rerank' if kind == 'reranker' else 'embeddings'} for it by its folder path inside that directory.")
         return 0

@@ -45,33 +45,36 @@ ST_MODULES = [
 ]
 
 
-def build_embedding(folder: Path, seed: int = 0) -> Path:
+def build_embedding(folder: Path, seed: int = 0, hidden: int = HIDDEN, layers: int = LAYERS) -> Path:
     """A sentence-transformers BERT bi-encoder: BertModel, mean pooling, normalised."""
     folder = Path(folder)
     vocab = _bert_tokenizer(folder)
-    _write(folder / "config.json", _bert_config(vocab, ["BertModel"]))
-    _save(folder / "model.safetensors", _bert_weights(vocab, seed))
-    _sentence_transformers(folder, "mean_tokens", BERT_WINDOW, prompts={})
+    _write(folder / "config.json", _bert_config(vocab, ["BertModel"], hidden, layers))
+    _save(folder / "model.safetensors", _bert_weights(vocab, seed, hidden, layers))
+    _sentence_transformers(folder, "mean_tokens", BERT_WINDOW, prompts={}, dimension=hidden)
     return folder
 
 
-def build_reranker(folder: Path, seed: int = 1) -> Path:
+def build_reranker(folder: Path, seed: int = 1, hidden: int = HIDDEN, layers: int = LAYERS) -> Path:
     """A cross-encoder: BertForSequenceClassification with one label, sigmoid scores."""
     folder = Path(folder)
     vocab = _bert_tokenizer(folder)
     _write(folder / "config.json", _bert_config(
-        vocab, ["BertForSequenceClassification"], id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0},
+        vocab, ["BertForSequenceClassification"], hidden, layers, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0},
         sentence_transformers={"activation_fn": "torch.nn.modules.activation.Sigmoid", "version": "5.1.0"}))
-    weights = _bert_weights(vocab, seed, prefix="bert.")
+    weights = _bert_weights(vocab, seed, hidden, layers, prefix="bert.")
     rng = np.random.default_rng(seed + 100)
-    weights["classifier.weight"] = (rng.standard_normal((1, HIDDEN)) * 0.5).astype(np.float32)
+    weights["classifier.weight"] = (rng.standard_normal((1, hidden)) * 0.5).astype(np.float32)
     weights["classifier.bias"] = np.zeros(1, np.float32)
     _save(folder / "model.safetensors", weights)
     return folder
 
 
-def build_decoder_embedding(folder: Path, seed: int = 0) -> Path:
-    """A Qwen3-Embedding-shaped decoder: last-token pooling, Matryoshka dimensions."""
+def build_decoder_embedding(folder: Path, seed: int = 0, hidden: int = HIDDEN, layers: int = LAYERS) -> Path:
+    """A Qwen3-Embedding-shaped decoder: last-token pooling, Matryoshka dimensions (always
+    hidden 64 and 2 layers: its Matryoshka sizes and head layout are fixed)."""
+    if (hidden, layers) != (HIDDEN, LAYERS):
+        raise ValueError(f"the tiny decoder embedding model is always hidden {HIDDEN}, {LAYERS} layers")
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.models import qwen3
@@ -115,11 +118,14 @@ def build_decoder_embedding(folder: Path, seed: int = 0) -> Path:
 BUILDERS = {"embedding": build_embedding, "reranker": build_reranker, "decoder-embedding": build_decoder_embedding}
 
 
-def build(folder: Path, kind: str, seed: int = 0) -> Path:
-    """Build the tiny model of `kind` (one of `BUILDERS`) into `folder`."""
+def build(folder: Path, kind: str, seed: int = 0, hidden: int = HIDDEN, layers: int = LAYERS) -> Path:
+    """Build the model of `kind` (one of `BUILDERS`) into `folder`: tiny by default; a BERT of a
+    real one's shape with e.g. hidden 384 and 12 layers (bge-small's), for benchmarks."""
     if kind not in BUILDERS:
         raise ValueError(f"no tiny {kind!r} model; there are {', '.join(BUILDERS)}")
-    return BUILDERS[kind](folder, seed)
+    if hidden % 16 or hidden < 16 or layers < 1:
+        raise ValueError(f"hidden must be a positive multiple of 16 and layers at least 1 (got {hidden}, {layers})")
+    return BUILDERS[kind](folder, seed, hidden, layers)
 
 
 # ---------------------------------------------------------------- BERT
@@ -147,44 +153,55 @@ def _bert_tokenizer(folder: Path) -> int:
     return tokenizer.get_vocab_size()
 
 
-def _bert_config(vocab: int, architectures: list[str], **extra) -> dict:
-    return {"architectures": architectures, "model_type": "bert", "hidden_size": HIDDEN,
-            "num_hidden_layers": LAYERS, "num_attention_heads": HEADS, "intermediate_size": INTERMEDIATE,
+def _bert_heads(hidden: int) -> int:
+    return max(HEADS, hidden // 32)  # 4 of 16 for the tiny one; 12 of 32 for bge-small's 384
+
+
+def _bert_inner(hidden: int) -> int:
+    return INTERMEDIATE if hidden == HIDDEN else 4 * hidden  # the tiny one's; else BERT's own 4x
+
+
+def _bert_config(vocab: int, architectures: list[str], hidden: int, layers: int, **extra) -> dict:
+    return {"architectures": architectures, "model_type": "bert", "hidden_size": hidden,
+            "num_hidden_layers": layers, "num_attention_heads": _bert_heads(hidden),
+            "intermediate_size": _bert_inner(hidden),
             "hidden_act": "gelu", "vocab_size": vocab, "max_position_embeddings": BERT_WINDOW,
             "type_vocab_size": 2, "layer_norm_eps": 1e-12, "pad_token_id": 0, "torch_dtype": "float32", **extra}
 
 
-def _bert_weights(vocab: int, seed: int, prefix: str = "") -> dict[str, np.ndarray]:
+def _bert_weights(vocab: int, seed: int, hidden: int, layers: int, prefix: str = "") -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
 
     def normal(*shape, scale=0.05):
         return (rng.standard_normal(shape) * scale).astype(np.float32)
 
-    weights = {"embeddings.word_embeddings.weight": normal(vocab, HIDDEN, scale=0.5),
-               "embeddings.position_embeddings.weight": normal(BERT_WINDOW, HIDDEN, scale=0.1),
-               "embeddings.token_type_embeddings.weight": normal(2, HIDDEN, scale=0.1),
-               "pooler.dense.weight": normal(HIDDEN, HIDDEN), "pooler.dense.bias": np.zeros(HIDDEN, np.float32)}
+    weights = {"embeddings.word_embeddings.weight": normal(vocab, hidden, scale=0.5),
+               "embeddings.position_embeddings.weight": normal(BERT_WINDOW, hidden, scale=0.1),
+               "embeddings.token_type_embeddings.weight": normal(2, hidden, scale=0.1),
+               "pooler.dense.weight": normal(hidden, hidden), "pooler.dense.bias": np.zeros(hidden, np.float32)}
     norms = ["embeddings.LayerNorm"]
-    for layer in range(LAYERS):
+    for layer in range(layers):
         base = f"encoder.layer.{layer}."
-        shapes = {"attention.self.query": (HIDDEN, HIDDEN), "attention.self.key": (HIDDEN, HIDDEN),
-                  "attention.self.value": (HIDDEN, HIDDEN), "attention.output.dense": (HIDDEN, HIDDEN),
-                  "intermediate.dense": (INTERMEDIATE, HIDDEN), "output.dense": (HIDDEN, INTERMEDIATE)}
+        shapes = {"attention.self.query": (hidden, hidden), "attention.self.key": (hidden, hidden),
+                  "attention.self.value": (hidden, hidden), "attention.output.dense": (hidden, hidden),
+                  "intermediate.dense": (_bert_inner(hidden), hidden),
+                  "output.dense": (hidden, _bert_inner(hidden))}
         for name, shape in shapes.items():
             weights[base + name + ".weight"] = normal(*shape)
             weights[base + name + ".bias"] = np.zeros(shape[0], np.float32)
         norms += [base + "attention.output.LayerNorm", base + "output.LayerNorm"]
     for norm in norms:
-        weights[norm + ".weight"] = np.ones(HIDDEN, np.float32)
-        weights[norm + ".bias"] = np.zeros(HIDDEN, np.float32)
+        weights[norm + ".weight"] = np.ones(hidden, np.float32)
+        weights[norm + ".bias"] = np.zeros(hidden, np.float32)
     return {prefix + name: value for name, value in weights.items()}
 
 
 # ---------------------------------------------------------------- shared
-def _sentence_transformers(folder: Path, pooling: str, window: int, prompts: dict) -> None:
+def _sentence_transformers(folder: Path, pooling: str, window: int, prompts: dict,
+                           dimension: int = HIDDEN) -> None:
     modes = ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens", "weightedmean_tokens", "lasttoken")
     _write(folder / "modules.json", ST_MODULES)
-    _write(folder / "1_Pooling" / "config.json", {"word_embedding_dimension": HIDDEN, "include_prompt": True,
+    _write(folder / "1_Pooling" / "config.json", {"word_embedding_dimension": dimension, "include_prompt": True,
                                                   **{f"pooling_mode_{mode}": mode == pooling for mode in modes}})
     _write(folder / "sentence_bert_config.json", {"max_seq_length": window, "do_lower_case": False})
     _write(folder / "config_sentence_transformers.json", {

@@ -94,6 +94,16 @@ def test_the_tiny_folders_are_an_encoder_embedding_a_cross_encoder_and_a_decoder
         (EMBEDDING, ENCODER, "mean"), (RERANKER, ENCODER, None), (EMBEDDING, DECODER, "lasttoken")]
 
 
+def test_a_bert_of_a_chosen_shape_is_built_and_served_at_its_width(tmp_path):
+    built = demo_embedding.build(tmp_path / "wider", "embedding", seed=3, hidden=96, layers=3)
+    config = json.loads((built / "config.json").read_text())
+    assert (config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"]) == (96, 3, 384)
+    vectors = Engine.load(built).run(Engine.load(built).encode_texts(TEXTS[:2]))
+    assert vectors.shape == (2, 96) and np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    with pytest.raises(ValueError, match="always hidden 64"):
+        demo_embedding.build(tmp_path / "decoder", "decoder-embedding", hidden=96)
+
+
 def test_the_model_entry_can_say_what_the_files_do_not_and_nothing_else(tmp_path):
     published = folder(tmp_path / "qwen3-reranker", QWEN3)
     assert kind_of(published).kind == CHAT

@@ -81,6 +81,17 @@ def test_a_rebinding_host_is_refused_on_the_address_it_resolves_to():
         images.resolve(found, images.FetchPolicy(), resolver=lambda host, port: ["127.0.0.1"])
 
 
+def test_a_data_url_goes_on_as_sent_and_an_undeclared_one_gets_its_type():
+    found = [images.part(DATA_URL, "messages.0.content.0"), images.part("data:;base64," + PNG_B64, "image 2")]
+    assert images.resolve(found) == [images.Image("image/png", 64, 64, len(PNG), "messages.0.content.0"),
+                                     images.Image("image/png", 64, 64, len(PNG), "image 2")]
+    assert found[0]["image_url"]["url"] is DATA_URL, "a checked data URL is passed on, not encoded again"
+    assert found[1]["image_url"]["url"] == DATA_URL
+    for bad in ("data:image/png;base64," + PNG_B64[:-2] + "$$", "data:image/png;base64,é" + PNG_B64):
+        with pytest.raises(Exception, match="not valid base64"):
+            images.resolve([images.part(bad, "image 1")])
+
+
 # ------------------------------------------------------------------ a daemon with a vision model
 class Images(http.server.BaseHTTPRequestHandler):
     """A local web server with one PNG and one text file."""

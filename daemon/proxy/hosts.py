@@ -17,7 +17,7 @@ import hashlib
 import logging
 
 from ..config import Config
-from ..errors import MlxgateError, Unavailable
+from ..errors import BackendError, MlxgateError, Unavailable
 from ..host_entries import LOCAL
 from ..hosts.pinning import pinned_context, read_key
 from ..hosts.routing import Chooser
@@ -140,9 +140,16 @@ class HostRouting:
                     continue
                 if response.status < 400:
                     await self.chooser.served(name, target.model, conversation)
-                if not await client.pipe(response, _tagged(send, name), api):
+                try:
+                    complete = await client.pipe(response, _tagged(send, name), api)
+                except BackendError:  # a JSON answer cut short, nothing sent yet: the edge answers the error
+                    complete = None
+                if not complete:
                     view.lost(f"{client.what} closed an answer mid-way")
                     self.chooser.failed(name, Unavailable("closed mid-answer"))
+                    if complete is None:
+                        raise BackendError(f"{client.what} closed its answer before the end; it may have "
+                                           f"been restarted") from None
                     return False
                 return True
             finally:

@@ -16,7 +16,7 @@ import aiohttp
 
 from ..api_errors import RESPONSES, error_event
 from ..config import Config
-from ..errors import Unavailable
+from ..errors import BackendError, Unavailable
 from ..json_body import dump
 from ..relay_protocol import MODEL_HEADER, door_path, relay_path
 
@@ -102,20 +102,29 @@ class RelayClient:
                               f"local model can answer. Check `mlxgate status`.") from None
 
     async def pipe(self, response: aiohttp.ClientResponse, send, api: str) -> bool:
-        """Send the relay's answer to the client as it comes; False when the relay went away
-        before the end (a stream then ends with the API's error event)."""
+        """Send the relay's answer to the client: a stream as it comes, False when the relay went
+        away before its end (the stream then ends with the API's error event); a JSON answer whole,
+        `BackendError` when it was cut short (nothing was sent: the edge answers the error)."""
         complete = True
+        start = {"type": "http.response.start", "status": response.status,
+                 "headers": [(k.encode(), v.encode()) for k, v in response.headers.items()
+                             if k.lower() in PASSED_HEADERS]}
         async with response:
-            await send({"type": "http.response.start", "status": response.status,
-                        "headers": [(k.encode(), v.encode()) for k, v in response.headers.items()
-                                    if k.lower() in PASSED_HEADERS]})
+            if response.content_type not in STREAMS:  # one JSON answer: read whole, sent in one write
+                try:
+                    body = await response.read()
+                except (aiohttp.ClientError, OSError) as exc:
+                    raise BackendError(f"{self.what} closed the connection before its answer was complete "
+                                       f"({type(exc).__name__}; it may have been restarted)") from None
+                await send(start)
+                await send({"type": "http.response.body", "body": body})
+                return True
+            await send(start)
             try:
                 async for chunk in response.content.iter_any():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
             except (aiohttp.ClientError, OSError) as exc:
                 log.warning("the relay connection to %s failed mid-answer: %s", self.where, exc)
-                if response.content_type not in STREAMS:
-                    return False  # a JSON answer cut short: the client's connection is closed unfinished
                 complete = False
                 await send({"type": "http.response.body", "more_body": True, "body": error_event(
                     api, "backend_error", f"{self.what} closed the stream before the answer was "

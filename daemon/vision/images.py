@@ -111,8 +111,9 @@ def resolve(parts: list[dict], policy: FetchPolicy = FetchPolicy(), resolver: Re
             raise invalid(f"{where}: the image was declared {declared} but its bytes are {media_type}")
         if width > MAX_SIDE or height > MAX_SIDE:
             raise invalid(f"{where}: the image is {width}x{height} pixels; at most {MAX_SIDE} on either side")
-        found["image_url"] = {**found["image_url"], "url": f"data:{media_type};base64,"
-                                                           f"{base64.b64encode(data).decode()}"}
+        if declared != media_type:  # a fetched image, or an undeclared type: encoded with the type it has
+            found["image_url"] = {**found["image_url"], "url": f"data:{media_type};base64,"
+                                                               f"{base64.b64encode(data).decode()}"}
         images.append(Image(media_type, width, height, len(data), where))
     return images
 
@@ -130,7 +131,7 @@ def _bytes_of(url: str, where: str, policy: FetchPolicy, resolver: Resolver | No
         if len(payload) > MAX_IMAGE_BYTES * 4 // 3 + 4:
             raise _too_large(where, len(payload) * 3 // 4)
         try:
-            data = base64.b64decode(payload, validate=True)
+            data = binascii.a2b_base64(payload, strict_mode=True)  # b64decode(validate=True), a third faster
         except (binascii.Error, ValueError):
             raise invalid(f"{where}: the image's base64 data is not valid base64") from None
         return declared, data

@@ -209,6 +209,7 @@ class Relay:
                 pass
             tally.generation_starts()
             upstream = Upstream(server.process, sent.path, sent.body, call.client, keepalives=False)
+            server.process.open_spares()  # for the next requests, while the model server works on this one
             ticket.on_cancel(upstream.close)
             status, answer = upstream.answer(ticket)
         except MlxgateError as exc:

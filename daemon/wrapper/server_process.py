@@ -29,6 +29,9 @@ _ERROR_LINE = re.compile(r"^[\w.]*(Error|Exception|Exit)\b.*")
 # starts for it), and `mlx_lm.server` closes each connection after one answer.
 SPARE_CONNECTIONS = 2
 SPARE_CONNECT_SECONDS = 1.0  # a server that accepts no connection (stopped, backlog full) holds nobody long
+# How often the process's children (a group's ranks) are looked for again: finding them reads every
+# process of the machine (psutil's ppid map), a few ms a time, where the watchdog asks each second.
+CHILDREN_EVERY = 30.0
 
 
 @dataclass
@@ -43,6 +46,8 @@ class ServerProcess:
     _spares: list[socket.socket] = field(default_factory=list, repr=False)
     _spares_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _spares_closed: bool = field(default=False, repr=False)
+    _tree: list = field(default_factory=list, repr=False)  # the process and its children, found at `_tree_at`
+    _tree_at: float = field(default=-CHILDREN_EVERY, repr=False)
 
     @property
     def auth_header(self) -> str:
@@ -133,16 +138,20 @@ class ServerProcess:
     def cpu_seconds(self) -> float | None:
         """CPU time the process and its children (a group's ranks) have used so far (None if
         it cannot be read)."""
-        try:
-            process = psutil.Process(self.pid)
-            tree = [process, *process.children(recursive=True)]
-        except psutil.Error:
-            return None
+        now = time.monotonic()
+        if now - self._tree_at >= CHILDREN_EVERY:
+            try:
+                process = psutil.Process(self.pid)
+                self._tree, self._tree_at = [process, *process.children(recursive=True)], now
+            except psutil.Error:
+                return None
         total = 0.0
-        for member in tree:
+        for index, member in enumerate(self._tree):
             try:
                 times = member.cpu_times()
             except psutil.Error:
+                if index == 0:  # the process itself is gone
+                    return None
                 continue
             total += times.user + times.system
         return total

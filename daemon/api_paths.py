@@ -1,6 +1,6 @@
 """Whose API a request path is, and so whose error shape its clients read: the table that the
-proxy's listeners, the wrapper's doors and its Flask app ask. The relay's own route rows
-(`wrapper.apis.ROWS`) also name their API; a test keeps each row in step with this table.
+proxy's listeners, the wrapper's doors and its Flask app ask, and the relay's route rows
+(`wrapper.apis.ROWS`) take theirs from.
 
 A path is taken without its trailing slash and query. The relay's paths (``/relay/...``) read
 as the client's path they carry, so ``/relay/v1/messages`` is Anthropic's as ``/v1/messages`` is.

@@ -173,6 +173,31 @@ def test_a_body_over_the_limit_is_a_413_in_its_apis_shape_on_both_listeners(tmp_
     assert refused.status_code == 403 and "this machine only" in ollama_error(refused)
 
 
+def test_the_ollama_listener_answers_from_its_table_and_records_as_the_main_port_does(tmp_path):
+    gateway = edge(tmp_path, max_body="1K")
+    ollama = Client(OllamaEdge(gateway), HERE)
+    assert ollama.get("/").text == "Ollama is running" and ollama.request("HEAD", "/").content == b""
+    assert ollama.get("/api/version").json() == {"version": "0.12.0"}
+    assert ollama.get("/api/ps").json() == {"models": []}
+    assert ollama.get("/v1/models").status_code == 200
+    pull = ollama.post("/api/pull", json={"model": "qwen3"})
+    assert pull.status_code == 400 and "mlxgate download qwen3" in ollama_error(pull)
+    assert ollama.post("/api/blobs/sha256:00", content=b"").status_code == 400
+    missing = ollama.get("/api/chat")  # POST only
+    assert missing.status_code == 404 and ollama_error(missing) == (
+        "no route GET /api/chat here: mlxgate serves Ollama's POST /api/chat, /api/generate, /api/embed, "
+        "/api/embeddings, /api/show, /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses; "
+        "GET /api/tags, /api/ps, /api/version, /v1/models; GET and HEAD /")
+    too_large = json.dumps({"model": "tiny-a", "input": "x" * 2000})
+    for path in ("/api/chat", "/v1/responses"):
+        assert ollama.post(path, content=too_large).status_code == 413
+    main = Client(gateway, HERE, {"x-api-key": KEY})
+    assert main.post("/v1/responses", content=too_large).status_code == 413
+    assert [(r.api, r.route, r.status) for r in gateway.records.pending] == [
+        ("ollama", "ollama_chat", 413), ("openai", "responses", 413), ("openai", "responses", 413)], \
+        "the Responses API is recorded as OpenAI's on either port"
+
+
 # ------------------------------------------------------------------ the status page, its files, its login
 def test_the_status_page_is_seen_here_and_asks_others_to_log_in_once(tmp_path):
     gateway = edge(tmp_path)
@@ -284,9 +309,12 @@ def test_each_path_has_one_api(path, api):
     assert api_of(path) == api
 
 
-def test_the_relays_routes_read_the_api_their_factories_answer_in():
-    for path, row in apis.ROWS.items():
-        assert api_of(RELAY_PREFIX + path) == row.api, path
+def test_the_relays_routes_take_the_api_their_factories_answer_in_from_the_path_table():
+    assert {path: row.api for path, row in apis.ROWS.items()} == {
+        "/v1/messages": ANTHROPIC, "/v1/messages/count_tokens": ANTHROPIC, "/v1/chat/completions": OPENAI,
+        "/v1/completions": OPENAI, "/v1/responses": RESPONSES, "/v1/responses/input_tokens": OPENAI,
+        "/v1/embeddings": OPENAI, "/v1/rerank": OPENAI, "/v1/ollama/chat": OLLAMA, "/v1/ollama/generate": OLLAMA,
+        "/v1/ollama/embed": OLLAMA, "/v1/ollama/embeddings": OLLAMA, "/v1/ollama/show": OLLAMA}
 
 
 def test_a_status_from_elsewhere_is_the_first_kind_of_that_status():

@@ -40,9 +40,6 @@ log = logging.getLogger("mlxgate.proxy")
 
 KEY_HINT = ("invalid or missing API key: send it as `x-api-key` (Anthropic clients) or "
             "`Authorization: Bearer` (OpenAI clients); `mlxgate env` prints it")
-SERVED = ("POST /v1/messages, /v1/messages/count_tokens, /v1/chat/completions, /v1/completions, /v1/responses, "
-          "/v1/responses/input_tokens, /v1/embeddings, /v1/rerank, GET and DELETE /v1/responses/ID and "
-          "GET /v1/models, /metrics, /")
 
 
 class Edge:
@@ -100,7 +97,7 @@ class Edge:
                 return await error(request.send, request.api, "authentication", KEY_HINT)
             return await self.cloud.forward_raw(request.scope, request.receive, request.send)
         return await error(request.send, request.api, "not_found",
-                           f"no route {request.method} {request.path} here: mlxgate serves {SERVED}")
+                           f"no route {request.method} {request.path} here: mlxgate serves {self.table.served()}")
 
     async def answer(self, request: Request, family: str) -> None:
         """Answer one API request (its key already checked) of `request.route`, in `request.api`'s

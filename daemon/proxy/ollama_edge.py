@@ -19,27 +19,24 @@ from __future__ import annotations
 
 import json
 
-from ..api_errors import OLLAMA, OPENAI
-from ..api_paths import api_of
+from ..api_errors import OLLAMA
+from ..api_paths import family_of
 from ..errors import MlxgateError
 from ..json_body import parse_object
 from ..ollama import models as ollama_models
-from . import routes
+from . import route_table
 from .asgi import Request, error, json_reply, reply
 from .edge import Edge
 
 HOST = "127.0.0.1"  # loopback only: there is no key to ask for
 VERSION = "0.12.0"  # the Ollama API version whose routes and shapes are served here
 RUNNING = b"Ollama is running"
-SERVED = ("POST /api/chat, /api/generate, /api/embed, /api/embeddings, /api/show; GET /api/tags, /api/ps, "
-          "/api/version and /; and OpenAI's POST /v1/chat/completions, /v1/completions, /v1/embeddings, "
-          "/v1/responses, GET /v1/models")
-OPENAI_COMPATIBLE = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
 
 
 class OllamaEdge:
     def __init__(self, edge: Edge):
         self.edge = edge
+        self.table = route_table.ollama_table(self, edge)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":  # the lifespan is the main edge's (`server`)
@@ -48,34 +45,39 @@ class OllamaEdge:
         if not request.loopback:
             return await error(send, OLLAMA, "permission", "Ollama's API is served to this machine only "
                                "(127.0.0.1, no key); from elsewhere use the gateway's own port with its key")
-        path, method = request.path, request.method
-        route = routes.OLLAMA_POST_ROUTES.get(path)
-        if route is not None and method == "POST":
-            request.route, request.api = route, api_of(path)
-            return await self.edge.answer(request, OLLAMA)
-        if path in OPENAI_COMPATIBLE and method == "POST":
-            request.route, request.api = routes.POST_ROUTES[path], api_of(path)
-            return await self.edge.answer(request, request.api)
-        if path in routes.MODEL_LIST_PATHS and method == "GET":
-            return await self.edge._guarded(send, OPENAI, self.edge._models(send))
-        if path == "/" and method in ("GET", "HEAD"):
-            return await reply(send, 200, [("content-type", "text/plain; charset=utf-8"),
-                                           ("content-length", str(len(RUNNING)))],
-                               b"" if method == "HEAD" else RUNNING)
-        if method == "GET" and path == "/api/version":
-            return await json_reply(send, 200, json.dumps({"version": VERSION}).encode())
-        if method == "GET" and path in ("/api/tags", "/api/ps"):
-            try:
-                listed = await self.edge.relay.get_json("/models")
-            except MlxgateError as exc:
-                return await error(send, OLLAMA, "unavailable", str(exc))
-            answer = (ollama_models.tags(listed.get("models") or []) if path == "/api/tags"
-                      else ollama_models.ps(listed.get("servers") or {}))
-            return await json_reply(send, 200, json.dumps(answer).encode())
-        if path in routes.OLLAMA_WRITES or path.startswith("/api/blobs/"):
-            return await self._refuse_write(path, request.headers, receive, send)
-        return await error(send, OLLAMA, "not_found", f"no route {method} {path} here: mlxgate serves "
-                           f"Ollama's {SERVED}")
+        return await self.table.find(request).handler(request)
+
+    # ------------------------------------------------------------------ the route table's handlers
+    async def ollama_request(self, request: Request) -> None:
+        await self.edge.answer(request, OLLAMA)
+
+    async def openai_request(self, request: Request) -> None:
+        await self.edge.answer(request, family_of(request.api))
+
+    async def models(self, request: Request) -> None:
+        """GET /api/tags (the local models) and /api/ps (the loaded ones), in Ollama's shape."""
+        try:
+            listed = await self.edge.relay.get_json("/models")
+        except MlxgateError as exc:
+            return await error(request.send, OLLAMA, "unavailable", str(exc))
+        answer = (ollama_models.tags(listed.get("models") or []) if request.path == "/api/tags"
+                  else ollama_models.ps(listed.get("servers") or {}))
+        await json_reply(request.send, 200, json.dumps(answer).encode())
+
+    async def version(self, request: Request) -> None:
+        await json_reply(request.send, 200, json.dumps({"version": VERSION}).encode())
+
+    async def running(self, request: Request) -> None:
+        await reply(request.send, 200, [("content-type", "text/plain; charset=utf-8"),
+                                        ("content-length", str(len(RUNNING)))],
+                    b"" if request.method == "HEAD" else RUNNING)
+
+    async def not_found(self, request: Request) -> None:
+        await error(request.send, OLLAMA, "not_found", f"no route {request.method} {request.path} here: "
+                    f"mlxgate serves Ollama's {self.table.served()}")
+
+    async def refuse_write(self, request: Request) -> None:
+        await self._refuse_write(request.path, request.headers, request.receive, request.send)
 
     async def _refuse_write(self, path: str, headers: dict, receive, send) -> None:
         body = await self.edge._body(headers, receive, send, OLLAMA)

@@ -62,5 +62,8 @@ OLLAMA_POST_ROUTES = {
     "/api/embeddings": Route("ollama_embed", relay.OLLAMA_EMBEDDINGS, cloud=False),  # the older form
     "/api/show": OLLAMA_SHOW,
 }
+OLLAMA_LISTS = ("/api/tags", "/api/ps")  # the local models; the loaded ones
+# As Ollama does, its port serves OpenAI's API too (without a key there: loopback only)
+OLLAMA_OPENAI_COMPATIBLE = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
 # Ollama's model store: the gateway's models are folders on this machine, not Ollama's
 OLLAMA_WRITES = ("/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete", "/api/blobs")

@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Iterator
 
 from .. import relay_protocol as paths
 from ..api_errors import ANTHROPIC, OLLAMA, OPENAI, RESPONSES
+from ..api_paths import api_of
 from ..catalog import LocalModel, context_length
 from ..constraints.schemas import RESPONSE_SCHEMA, ConstraintError, check_request
 from ..errors import RequestRejected
@@ -369,31 +370,36 @@ def ollama_embeddings(ctx: Context, body: dict) -> Forward:
 
 @dataclass(frozen=True)
 class Row:
-    api: str      # whose error shape its clients read
+    api: str      # whose error shape its clients read: the path's, from the one table (`api_paths`)
     route: str    # the record's route, as the hooks call it
     factory: Callable
     way: str = "generate"  # how the relay runs it: generate (a Plan), count (an answer), forward (a Forward)
 
 
-GENERATING: dict[str, Row] = {
-    paths.MESSAGES: Row(ANTHROPIC, "anthropic_messages", messages),
-    paths.CHAT: Row(OPENAI, "chat_completions", chat_completions),
-    paths.COMPLETIONS: Row(OPENAI, "completions", completions),
-    paths.RESPONSES: Row(RESPONSES, "responses", responses),
-    paths.OLLAMA_CHAT: Row(OLLAMA, "ollama_chat", ollama_chat),
-    paths.OLLAMA_GENERATE: Row(OLLAMA, "ollama_generate", ollama_generate),
-}
-FORWARDED: dict[str, Row] = {  # answered by the model server as they are (one JSON answer)
-    paths.EMBEDDINGS: Row(OPENAI, "embeddings", embeddings, "forward"),
-    paths.RERANK: Row(OPENAI, "rerank", rerank, "forward"),
-    paths.OLLAMA_EMBED: Row(OLLAMA, "ollama_embed", ollama_embed, "forward"),
-    paths.OLLAMA_EMBEDDINGS: Row(OLLAMA, "ollama_embed", ollama_embeddings, "forward"),
-}
-COUNTING: dict[str, Row] = {
-    paths.COUNT_TOKENS: Row(ANTHROPIC, "count_tokens", count_tokens, "count"),
-    paths.RESPONSE_INPUT_TOKENS: Row(OPENAI, "responses_input_tokens", response_input_tokens, "count"),
-    paths.OLLAMA_SHOW: Row(OLLAMA, "ollama_show", ollama_show, "count"),
-}
+def _rows(way: str, *rows: tuple[str, str, Callable]) -> dict[str, Row]:
+    """The relay's rows for (path, route, factory) run the `way` way, each of its path's API."""
+    return {path: Row(api_of(paths.RELAY_PREFIX + path), route, factory, way) for path, route, factory in rows}
+
+
+GENERATING = _rows(
+    "generate",
+    (paths.MESSAGES, "anthropic_messages", messages),
+    (paths.CHAT, "chat_completions", chat_completions),
+    (paths.COMPLETIONS, "completions", completions),
+    (paths.RESPONSES, "responses", responses),
+    (paths.OLLAMA_CHAT, "ollama_chat", ollama_chat),
+    (paths.OLLAMA_GENERATE, "ollama_generate", ollama_generate))
+FORWARDED = _rows(  # answered by the model server as they are (one JSON answer)
+    "forward",
+    (paths.EMBEDDINGS, "embeddings", embeddings),
+    (paths.RERANK, "rerank", rerank),
+    (paths.OLLAMA_EMBED, "ollama_embed", ollama_embed),
+    (paths.OLLAMA_EMBEDDINGS, "ollama_embed", ollama_embeddings))
+COUNTING = _rows(
+    "count",
+    (paths.COUNT_TOKENS, "count_tokens", count_tokens),
+    (paths.RESPONSE_INPUT_TOKENS, "responses_input_tokens", response_input_tokens),
+    (paths.OLLAMA_SHOW, "ollama_show", ollama_show))
 
 
 ROWS: dict[str, Row] = {**GENERATING, **FORWARDED, **COUNTING}

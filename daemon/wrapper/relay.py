@@ -44,6 +44,7 @@ from typing import Callable, Iterator
 
 from .. import relay_protocol as paths
 from ..api_errors import OPENAI, error_body, error_event, error_response, exception_response, kind_of
+from ..api_paths import family_of
 from ..errors import BackendError, MlxgateError, RequestRejected, Unavailable
 from ..json_body import dump, parse_object
 from ..model_kinds import VISION
@@ -121,7 +122,7 @@ class Relay:
     # ------------------------------------------------------------------ the record of each request
     def _tally(self, call: Call, row: apis.Row) -> Tally:
         detail = call.body.decode("utf-8", "replace")[:20000] if self.fleet.config.detailed_debug else ""
-        tally = Tally(row.api, row.route, call.headers, "local", detail)
+        tally = Tally(family_of(row.api), row.route, call.headers, "local", detail)
         tally.record.requested_model = call.headers.get(paths.REQUESTED_HEADER, "")
         return tally
 

@@ -340,11 +340,10 @@ def launch(agent: str, model: str | None, https: bool, args: tuple[str, ...]) ->
     """
     import os
 
-    from .launch import executable, prepare, set_up
+    from .launch import executable, prepare
 
     setup = prepare(agent, _launch_target(_config(), agent, https, model))
     binary = executable(agent)
-    set_up(agent, setup)
     if args[:1] == ("--",):  # click keeps the separator of `mlxgate launch AGENT -- ARGS`
         args = args[1:]
     os.execvpe(binary, [binary, *setup.args, *args], {**os.environ, **setup.env})

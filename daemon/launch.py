@@ -16,8 +16,8 @@ import json
 import math
 import os
 import shutil
-import subprocess
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -53,7 +53,6 @@ class Setup:
     args: list[str] = field(default_factory=list)
     files: dict[Path, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # what `env --for` prints as comments
-    first: list[list[str]] = field(default_factory=list)  # the agent's own set-up commands, run before it
 
 
 def node_ca(t: Target) -> dict[str, str]:
@@ -140,13 +139,19 @@ def copilot(t: Target) -> Setup:
 
 
 def cline(t: Target) -> Setup:
-    folder = str(t.folder)
+    """Cline's provider written as `cline auth -p openai-compatible` writes it (format 1, Cline 3.0),
+    so the key never stands on a command line."""
+    folder = t.folder
+    provider = {"settings": {"provider": "openai-compatible", "apiKey": t.key, "model": t.model, "baseUrl": t.v1},
+                "updatedAt": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                "tokenSource": "manual"}
+    providers = {"version": 1, "lastUsedProvider": "openai-compatible", "modes": {},
+                 "providers": {"openai-compatible": provider}}
     return Setup({"CLINE_SESSION_BACKEND_MODE": "local", **node_ca(t)},  # no hub daemon outliving the run
-                 ["--config", folder],
+                 ["--config", str(folder)],
+                 {folder / "data" / "settings" / "providers.json": json.dumps(providers, indent=2) + "\n"},
                  notes=[f"Cline keeps this provider in {folder}; do not pass -P or -m to a run (it rewrites the "
-                        f"provider without the base URL and key)"],
-                 first=[["cline", "auth", "-p", "openai-compatible", "-k", t.key, "-m", t.model, "-b", t.v1,
-                         "--config", folder]])
+                        f"provider without the base URL and key)"])
 
 
 def continue_cli(t: Target) -> Setup:
@@ -254,19 +259,6 @@ def executable(agent: str) -> str:
     return found
 
 
-def set_up(agent: str, setup: Setup) -> None:
-    """Run the agent's own set-up commands (its executable found on PATH as for the run)."""
-    for command in setup.first:
-        try:
-            done = subprocess.run([executable(agent), *command[1:]], capture_output=True, text=True, timeout=120,
-                                  stdin=subprocess.DEVNULL, env={**os.environ, **setup.env})
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise MlxgateError(f"`{command[0]} {command[1]}` (setting {agent} up) did not finish: {exc}") from None
-        if done.returncode != 0:
-            raise MlxgateError(f"`{command[0]} {command[1]}` (setting {agent} up) failed ({done.returncode}): "
-                               f"{(done.stderr or done.stdout).strip()[-800:]}")
-
-
 def shell_lines(agent: str, setup: Setup) -> list[str]:
     """What `mlxgate env --for AGENT` prints: exports, then the command line to run."""
     import shlex
@@ -275,6 +267,5 @@ def shell_lines(agent: str, setup: Setup) -> list[str]:
     lines += [f"export {name}={shlex.quote(value)}" for name, value in setup.env.items()]
     if setup.files:
         lines += [f"# written: {path}" for path in setup.files]
-    lines += [f"# first: {shlex.join(command)}" for command in setup.first]
     lines.append(f"# then: {shlex.join([row_of(agent).command, *setup.args])} ...")
     return lines

@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import subprocess
 import time
 from pathlib import Path
+
+import pytest
 
 from support import free_port, mlxgate
 
@@ -129,8 +133,11 @@ def test_env_for_an_agent_prints_what_launch_sets_and_writes_only_under_the_runt
     metadata = json.loads((tmp_path / "home" / "launch" / "aider" / "model-metadata.json").read_text())
     assert metadata["openai/coder"]["max_input_tokens"] == 65536 and "--timeout 656" in aider
     cline = mlxgate("env", "--for", "cline", env=env, check=True).stdout
-    assert f"# first: cline auth -p openai-compatible -k k -m coder -b http://127.0.0.1:12100/v1 --config " \
-           f"{tmp_path / 'home' / 'launch' / 'cline'}" in cline
+    providers = tmp_path / "home" / "launch" / "cline" / "data" / "settings" / "providers.json"
+    assert f"# written: {providers}" in cline and " -k " not in cline, "the key is in a file, not on a command line"
+    assert json.loads(providers.read_text())["providers"]["openai-compatible"]["settings"] == {
+        "provider": "openai-compatible", "apiKey": "k", "model": "coder", "baseUrl": "http://127.0.0.1:12100/v1"}
+    assert providers.stat().st_mode & 0o777 == 0o600
     from mlxgate.launch import AGENTS
 
     for agent in AGENTS:  # every launcher points its agent at this gateway, with this key
@@ -142,3 +149,23 @@ def test_env_for_an_agent_prints_what_launch_sets_and_writes_only_under_the_runt
     assert not (tmp_path / "user").exists(), "nothing in the user's own home"
     unknown = mlxgate("env", "--for", "emacs", env=env)
     assert unknown.returncode == 1 and "no launcher for 'emacs'" in unknown.stderr
+
+
+def test_the_cline_provider_file_is_the_one_cline_auth_writes(tmp_path):
+    """`mlxgate launch cline` writes Cline's provider file itself (no key on a command line): the
+    installed Cline's own `cline auth` writes the same, but for the time it was written."""
+    if shutil.which("cline") is None:
+        pytest.skip("cline is not installed (.ci/run installs it: npm install -g cline@3.0.65)")
+    from mlxgate.launch import Target, cline
+
+    setup = cline(Target(url="http://127.0.0.1:12100", key="sk-local", model="coder", small="fast", window=65536,
+                         folder=tmp_path / "ours"))
+    ((path, text),) = setup.files.items()
+    subprocess.run(["cline", "auth", "-p", "openai-compatible", "-k", "sk-local", "-m", "coder", "-b",
+                    "http://127.0.0.1:12100/v1", "--config", str(tmp_path / "theirs")], check=True, timeout=120,
+                   capture_output=True, env={**os.environ, "CLINE_SESSION_BACKEND_MODE": "local"})
+    theirs = json.loads((tmp_path / "theirs" / path.relative_to(tmp_path / "ours")).read_text())
+    ours = json.loads(text)
+    for written in (theirs, ours):
+        written["providers"]["openai-compatible"].pop("updatedAt")
+    assert ours == theirs

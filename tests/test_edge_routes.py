@@ -15,11 +15,12 @@ import pytest
 from mlxgate.api_errors import ANTHROPIC, OLLAMA, OPENAI, RESPONSES, kind_for_status
 from mlxgate.api_paths import api_of
 from mlxgate.config import load_config
-from mlxgate.errors import Unavailable
+from mlxgate.errors import BackendError, Unavailable
 from mlxgate.proxy import routes
 from mlxgate.proxy.asgi import Request, json_reply
 from mlxgate.proxy.edge import Edge
 from mlxgate.proxy.ollama_edge import OllamaEdge
+from mlxgate.proxy.relay_client import RelayClient
 from mlxgate.relay_protocol import RELAY_PREFIX
 from mlxgate.wrapper import apis
 
@@ -321,3 +322,41 @@ def test_a_status_from_elsewhere_is_the_first_kind_of_that_status():
     assert [kind_for_status(s) for s in (400, 401, 404, 405, 413, 418, 500, 502, 503, 529, 599)] == [
         "invalid_request", "authentication", "not_found", "invalid_request", "request_too_large",
         "invalid_request", "api_error", "backend_error", "overloaded", "overloaded", "api_error"]
+
+
+# ------------------------------------------------------------------ the relay's answer, passed on
+def cut_short(head: bytes, sent: bytes):
+    """A relay stand-in on a TCP port that answers `head` and `sent`, then closes mid-body."""
+    async def serve(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(head + sent)
+        await writer.drain()
+        writer.close()
+    return asyncio.start_server(serve, "127.0.0.1", 0)
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "text/event-stream"])
+def test_an_answer_the_relay_cuts_short_is_never_passed_on_as_if_whole(content_type):
+    async def call():
+        server = await cut_short(f"HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\ncontent-length: 500\r\n"
+                                 f"\r\n".encode(), b'{"id": "chatcmpl-1", "choi')
+        client = RelayClient(base=f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", key=None)
+        sent: list[dict] = []
+
+        async def send(message):
+            sent.append(message)
+        try:
+            response = await client.open("/v1/chat/completions", "tiny-a", {"model": "tiny-a"})
+            try:
+                return await client.pipe(response, send, OPENAI), sent
+            except BackendError as exc:
+                return exc, sent
+        finally:
+            await client.close()
+            server.close()
+    outcome, sent = asyncio.run(call())
+    if content_type == "application/json":  # nothing sent: the edge answers the error in the API's shape
+        assert isinstance(outcome, BackendError) and "before its answer was complete" in str(outcome) and sent == []
+    else:  # the stream already began: it ends with the API's error event
+        assert outcome is False and sent[0]["status"] == 200
+        assert b"closed the stream before the answer was complete" in b"".join(m.get("body", b"") for m in sent)

@@ -730,6 +730,11 @@ def demo_model(folder: str, seed: int, layers: int, hidden: int, context: int, s
     if kind != "chat":
         from .demo_embedding import build
 
+        given = click.get_current_context().get_parameter_source
+        refused = [f"--{name.removesuffix('_file')}" for name in ("scripted", "fim", "steps_file", "context")
+                   if given(name) != click.core.ParameterSource.DEFAULT]
+        if refused:
+            raise click.UsageError(f"--kind {kind} takes --seed, --hidden and --layers, not {', '.join(refused)}")
         started = time.monotonic()
         try:
             build(Path(folder).expanduser(), kind, seed, hidden, layers)

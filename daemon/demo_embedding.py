@@ -123,8 +123,9 @@ def build(folder: Path, kind: str, seed: int = 0, hidden: int = HIDDEN, layers: 
     real one's shape with e.g. hidden 384 and 12 layers (bge-small's), for benchmarks."""
     if kind not in BUILDERS:
         raise ValueError(f"no tiny {kind!r} model; there are {', '.join(BUILDERS)}")
-    if hidden % 16 or hidden < 16 or layers < 1:
-        raise ValueError(f"hidden must be a positive multiple of 16 and layers at least 1 (got {hidden}, {layers})")
+    if hidden < 16 or hidden % (16 if hidden <= HIDDEN else 32) or layers < 1:
+        raise ValueError(f"hidden must be a multiple of 16 up to {HIDDEN} or of 32 above it, and layers at least 1 "
+                         f"(got hidden {hidden}, {layers} layers)")
     return BUILDERS[kind](folder, seed, hidden, layers)
 
 
@@ -154,7 +155,7 @@ def _bert_tokenizer(folder: Path) -> int:
 
 
 def _bert_heads(hidden: int) -> int:
-    return max(HEADS, hidden // 32)  # 4 of 16 for the tiny one; 12 of 32 for bge-small's 384
+    return hidden // 16 if hidden <= HIDDEN else hidden // 32  # 4 of 16 for the tiny one; 12 of 32 for 384
 
 
 def _bert_inner(hidden: int) -> int:

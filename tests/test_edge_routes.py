@@ -360,3 +360,54 @@ def test_an_answer_the_relay_cuts_short_is_never_passed_on_as_if_whole(content_t
     else:  # the stream already began: it ends with the API's error event
         assert outcome is False and sent[0]["status"] == 200
         assert b"closed the stream before the answer was complete" in b"".join(m.get("body", b"") for m in sent)
+
+
+def test_a_place_that_cuts_its_json_answer_short_hands_the_request_to_the_next(tmp_path):
+    from types import SimpleNamespace
+
+    from mlxgate.hosts.view import HostView
+    from mlxgate.proxy.hosts import HostRouting
+
+    whole = json.dumps({"id": "chatcmpl-2", "choices": []}).encode()
+
+    class Chooser:
+        failed_at: list[str] = []
+
+        async def choose(self, model, conversation):
+            return ["local", "second"]
+
+        async def served(self, name, model, conversation):
+            return None
+
+        def failed(self, name, exc):
+            self.failed_at.append(name)
+
+    async def call():
+        broken = await cut_short(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 500\r\n\r\n",
+                                 b'{"id": "chatcmpl-1"')
+        good = await cut_short(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
+                               + str(len(whole)).encode() + b"\r\n\r\n", whole)
+        port = lambda server: server.sockets[0].getsockname()[1]  # noqa: E731
+        config = load_config(tmp_path / "none.yaml", env={"MLXGATE_HOME": str(tmp_path)},
+                             overrides={"default_model": "tiny-a"})
+        routing = HostRouting(config, RelayClient(base=f"http://127.0.0.1:{port(broken)}", key=None), Chooser())
+        routing.views["second"] = HostView("second", f"http://127.0.0.1:{port(good)}")
+        routing.clients["second"] = RelayClient(base=f"http://127.0.0.1:{port(good)}", key=None, what="host second")
+        routing._first_poll = asyncio.get_running_loop().create_future()
+        routing._first_poll.set_result(None)  # no polling: the places are as set here
+        sent: list[dict] = []
+
+        async def send(message):
+            sent.append(message)
+        try:
+            done = await routing.forward(send, OPENAI, SimpleNamespace(model="tiny-a"), "chat_completions",
+                                         "/v1/chat/completions", {"model": "tiny-a", "messages": []})
+        finally:
+            for client in routing.clients.values():
+                await client.close()
+            broken.close()
+            good.close()
+        return done, sent, routing
+    done, sent, routing = asyncio.run(call())
+    assert done is True and b"".join(m.get("body", b"") for m in sent) == whole
+    assert Chooser.failed_at == ["local"] and not routing.views["local"].reachable

@@ -102,6 +102,8 @@ def test_a_bert_of_a_chosen_shape_is_built_and_served_at_its_width(tmp_path):
     assert vectors.shape == (2, 96) and np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     with pytest.raises(ValueError, match="always hidden 64"):
         demo_embedding.build(tmp_path / "decoder", "decoder-embedding", hidden=96)
+    with pytest.raises(ValueError, match="a multiple of 16 up to 64 or of 32 above it"):
+        demo_embedding.build(tmp_path / "odd", "embedding", hidden=176)
 
 
 def test_the_model_entry_can_say_what_the_files_do_not_and_nothing_else(tmp_path):

@@ -142,14 +142,16 @@ class HostRouting:
                     await self.chooser.served(name, target.model, conversation)
                 try:
                     complete = await client.pipe(response, _tagged(send, name), api)
-                except BackendError:  # a JSON answer cut short, nothing sent yet: the edge answers the error
-                    complete = None
+                except BackendError as exc:  # a JSON answer cut short: nothing reached the client yet
+                    view.lost(f"{client.what} closed an answer mid-way")
+                    self.chooser.failed(name, Unavailable("closed mid-answer"))
+                    if index + 1 < len(places):
+                        last = exc
+                        continue  # the next place, as for a host that did not take it
+                    raise
                 if not complete:
                     view.lost(f"{client.what} closed an answer mid-way")
                     self.chooser.failed(name, Unavailable("closed mid-answer"))
-                    if complete is None:
-                        raise BackendError(f"{client.what} closed its answer before the end; it may have "
-                                           f"been restarted") from None
                     return False
                 return True
             finally:

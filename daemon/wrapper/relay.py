@@ -209,8 +209,11 @@ class Relay:
             for _ in self._turn(job):
                 pass
             tally.generation_starts()
-            upstream = Upstream(server.process, sent.path, sent.body, call.client, keepalives=False)
-            server.process.open_spares()  # for the next requests, while the model server works on this one
+            process = server.process  # once: a restart or an eviction may swap it meanwhile
+            if process is None:
+                raise BackendError(f"the server of {server.model.name} is not running")
+            upstream = Upstream(process, sent.path, sent.body, call.client, keepalives=False)
+            process.open_spares()  # for the next requests, while the model server works on this one
             ticket.on_cancel(upstream.close)
             status, answer = upstream.answer(ticket)
         except MlxgateError as exc:

@@ -145,15 +145,18 @@ class ServerProcess:
                 self._tree, self._tree_at = [process, *process.children(recursive=True)], now
             except psutil.Error:
                 return None
-        total = 0.0
+        total, gone = 0.0, []
         for index, member in enumerate(self._tree):
             try:
                 times = member.cpu_times()
             except psutil.Error:
                 if index == 0:  # the process itself is gone
                     return None
+                gone.append(member)  # a rank that ended: its pid may be another process's next
                 continue
             total += times.user + times.system
+        if gone:
+            self._tree = [member for member in self._tree if member not in gone]
         return total
 
     def log_tail(self, lines: int = 20) -> list[str]:

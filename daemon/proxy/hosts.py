@@ -143,17 +143,15 @@ class HostRouting:
                 try:
                     complete = await client.pipe(response, _tagged(send, name), api)
                 except BackendError as exc:  # a JSON answer cut short: nothing reached the client yet
-                    view.lost(f"{client.what} closed an answer mid-way")
-                    self.chooser.failed(name, Unavailable("closed mid-answer"))
-                    if index + 1 < len(places):
-                        last = exc
-                        continue  # the next place, as for a host that did not take it
-                    raise
+                    complete, last = None, exc
                 if not complete:
                     view.lost(f"{client.what} closed an answer mid-way")
                     self.chooser.failed(name, Unavailable("closed mid-answer"))
-                    return False
-                return True
+                if complete is not None:
+                    return complete
+                if index + 1 == len(places):
+                    raise last
+                # else the next place, as for a host that did not take it
             finally:
                 view.inflight[target.model] -= 1
         raise Unavailable(f"no place could take the request for {target.model!r}: {last}. "

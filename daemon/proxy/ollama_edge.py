@@ -77,10 +77,8 @@ class OllamaEdge:
                     f"mlxgate serves Ollama's {self.table.served()}")
 
     async def refuse_write(self, request: Request) -> None:
-        await self._refuse_write(request.path, request.headers, request.receive, request.send)
-
-    async def _refuse_write(self, path: str, headers: dict, receive, send) -> None:
-        body = await self.edge._body(headers, receive, send, OLLAMA)
+        path, send = request.path, request.send
+        body = await self.edge._body(request.headers, request.receive, send, OLLAMA)
         if body is None:
             return None
         try:

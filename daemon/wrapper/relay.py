@@ -57,6 +57,7 @@ from .exchange import Answer, Call, Stream
 from .fleet import Fleet
 from .model_server import ModelServer
 from .recorder import Recorder
+from .server_process import ServerProcess
 from .tally import Tally
 from .upstream import ClientGone, Upstream
 
@@ -208,12 +209,9 @@ class Relay:
         try:
             for _ in self._turn(job):
                 pass
+            process = _running(server)
             tally.generation_starts()
-            process = server.process  # once: a restart or an eviction may swap it meanwhile
-            if process is None:
-                raise BackendError(f"the server of {server.model.name} is not running")
-            upstream = Upstream(process, sent.path, sent.body, call.client, keepalives=False)
-            process.open_spares()  # for the next requests, while the model server works on this one
+            upstream = _call(process, sent.path, sent.body, call.client, keepalives=False)
             ticket.on_cancel(upstream.close)
             status, answer = upstream.answer(ticket)
         except MlxgateError as exc:
@@ -301,12 +299,9 @@ class Relay:
         for attempt in (1, 2):
             upstream = process = None
             try:
-                process = job.server.process
-                if process is None:
-                    raise BackendError(f"the server of {job.server.model.name} is not running")
+                process = _running(job.server)
                 job.tally.generation_starts()
-                upstream = Upstream(process, job.plan.path, job.plan.body, job.client)
-                process.open_spares()  # for the next requests, while the model server works on this one
+                upstream = _call(process, job.plan.path, job.plan.body, job.client)
                 job.ticket.on_cancel(upstream.close)
                 for chunk in upstream.events(job.ticket):
                     if chunk is not None:
@@ -457,6 +452,22 @@ def _json_body(call: Call) -> dict:
         return parse_object(call.body)
     except ValueError as exc:
         raise RequestRejected(400, str(exc), "invalid_request") from None
+
+
+def _running(server: ModelServer) -> ServerProcess:
+    """The server's process as it is now, read once (a restart or an eviction may swap it meanwhile)."""
+    process = server.process
+    if process is None:
+        raise BackendError(f"the server of {server.model.name} is not running")
+    return process
+
+
+def _call(process: ServerProcess, path: str, body: dict, client: socket.socket | None,
+          keepalives: bool = True) -> Upstream:
+    """A call to the model server, and spare connections opened for the next requests while it works."""
+    upstream = Upstream(process, path, body, client, keepalives)
+    process.open_spares()
+    return upstream
 
 
 def _alive_after(process, seconds: float) -> bool:
